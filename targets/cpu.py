@@ -1,0 +1,85 @@
+"""Target `cpu`: ONNX Runtime on x86-64.
+
+Applies ONNX Runtime's graph optimizations offline and saves the optimized
+model with the session options to load it with, and the tokenizer, so the
+build directory alone runs the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+
+from compress.artifact import Artifact, seal
+from compress.errors import TargetError
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+SUPPORTS = {
+    "runtime": "onnxruntime (CPUExecutionProvider)",
+    "precisions": ["fp32", "int8"],
+    "architectures": ["x86_64", "AMD64"],
+    "packages": ["onnxruntime"],
+}
+
+LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def check(cfg, precision: str) -> None:
+    """Fail before any stage runs if this machine or config can't build."""
+    if precision not in SUPPORTS["precisions"]:
+        raise TargetError(f"target cpu cannot build {precision} (supported: {', '.join(SUPPORTS['precisions'])}); "
+                          "set quantize.dtype: int8 or drop the quantize stage")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise TargetError("target cpu needs onnxruntime; pip install onnxruntime") from None
+
+
+def session_options(cfg) -> dict:
+    """What a deployment should load the build with (recorded in the build)."""
+    return {
+        "intra_op_num_threads": cfg.threads,
+        "inter_op_num_threads": 1,
+        # Optimizations were applied offline; doing them again at load time wastes start-up.
+        "graph_optimization_level": "ORT_DISABLE_ALL",
+        "execution_mode": "ORT_SEQUENTIAL",
+        "providers": ["CPUExecutionProvider"],
+    }
+
+
+def build(src: Artifact, cfg, ctx) -> Artifact:
+    import onnxruntime as ort
+
+    from compress.export import compare, random_inputs
+    from compress.quantize import run_onnx
+
+    if platform.machine() not in SUPPORTS["architectures"]:
+        log.warning("target cpu: optimizing on %s; ORT_ENABLE_ALL layouts are specific to the CPU that made them",
+                    platform.machine())
+    out = ctx.out
+    # ORT warns that ORT_ENABLE_ALL output is hardware specific; the report
+    # records the optimization level and the README says where a build may run.
+    ort.set_default_logger_severity(3)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[cfg.optimization])
+    so.intra_op_num_threads = cfg.threads
+    so.optimized_model_filepath = str(out / "model.onnx")
+    ort.InferenceSession(str(src.model_file), so, providers=["CPUExecutionProvider"])
+    for name in src.meta.get("tokenizer_files", []):
+        shutil.copyfile(src.path / name, out / name)
+    options = session_options(cfg)
+    (out / "session_options.json").write_text(json.dumps(options, indent=2))
+
+    ids, mask = random_inputs(src.meta.get("vocab_size", 30522))
+    agreement = compare(run_onnx(out / "model.onnx", ids, mask), run_onnx(src.model_file, ids, mask))
+    if agreement["mean_cosine"] < 0.999:
+        raise TargetError(f"target cpu: the optimized graph disagrees with its input (mean cosine "
+                          f"{agreement['mean_cosine']:.4f}); set targets.cpu.optimization: extended")
+    return seal(out, "onnx", {**src.meta, "parent": src.digest, "target": "cpu",
+                              "session_options": options, "optimization": LEVELS[cfg.optimization],
+                              "onnxruntime": ort.__version__, "agreement_random": agreement})
