@@ -87,7 +87,7 @@ def cmd_inspect(args) -> int:
     r = json.loads(path.read_text())
     from compress.report import one_line
 
-    print(one_line(r))
+    print(one_line(r, args.build_dir))
     print(f"teacher: {r['teacher']['source']} ({r['teacher']['digest'][:12]})")
     for st in r["stages"]:
         q = st["quality"]

@@ -157,8 +157,16 @@ class Builder:
     def __init__(self, recipe: Recipe, opts: BuildOptions):
         self.recipe = recipe
         self.opts = opts
-        self.cache = Cache(opts.cache_root)
+        self._cache: Cache | None = None
         self.records: list[StageRecord] = []
+
+    @property
+    def cache(self) -> Cache:
+        # Created on first use, after the preflight checks: a request that is
+        # wrong leaves no trace on disk.
+        if self._cache is None:
+            self._cache = Cache(self.opts.cache_root)
+        return self._cache
 
     # -- instruments ------------------------------------------------------
     def progress(self, total: int, desc: str) -> Progress:
@@ -200,13 +208,12 @@ class Builder:
             self.records.append(record)
             src = record.artifact
 
-        reports = []
+        reports, target_records = [], []
         for tname, (mod, tcfg) in modules.items():
             record = self.run_stage("target", mod.build, mod.VERSION, src, tcfg, label=f"target {tname}")
-            report = self.finish_target(tname, tcfg, record)
-            reports.append(report)
-        stage_work = [r for r in self.records if not r.cached]
-        if not stage_work:
+            target_records.append(record)
+            reports.append(self.finish_target(tname, tcfg, record))
+        if all(r.cached for r in [*self.records, *target_records]):
             self.opts.echo("no stage work: every stage came from the cache")
         failed = [r for r in reports if r["gates"]["failed"]]
         if failed:
@@ -302,7 +309,7 @@ class Builder:
         report = rep.make_report(self.recipe, tname, tcfg, self.teacher, self.teacher_eval[0], stages,
                                  bench_result, self.inputs)
         rep.write_build(self.opts.out_root, tname, final, report, rep.provenance(self.recipe, self.teacher, self.inputs, final))
-        self.opts.echo(rep.one_line(report))
+        self.opts.echo(rep.one_line(report, self.opts.out_root / tname))
         return report
 
 

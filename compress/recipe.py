@@ -83,9 +83,9 @@ STAGE_ORDER = ["distill", "export", "quantize"]
 
 
 class StageEntry(Frozen):
-    distill: DistillConfig | None = None
-    export: ExportConfig | None = None
-    quantize: QuantizeConfig | None = None
+    distill: DistillConfig | None = Field(None, description="Teacher -> smaller student (torch)")
+    export: ExportConfig | None = Field(None, description="torch -> validated ONNX (inserted when absent)")
+    quantize: QuantizeConfig | None = Field(None, description="fp32 ONNX -> int8 ONNX")
 
     @model_validator(mode="before")
     @classmethod
@@ -115,7 +115,7 @@ TARGET_CONFIGS: dict[str, type[Frozen]] = {"cpu": CpuTargetConfig}
 
 
 class TargetsConfig(Frozen):
-    cpu: CpuTargetConfig | None = None
+    cpu: CpuTargetConfig | None = Field(None, description="ONNX Runtime on x86-64 CPU")
 
     @model_validator(mode="before")
     @classmethod

@@ -63,7 +63,7 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "target_config": tcfg.model_dump(mode="json"),
         "task": recipe.task,
         "versions": _versions(),
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": recipe.model_dump(mode="json", exclude_none=True),
         "teacher": {"source": recipe.teacher.source, "digest": teacher.digest, "kind": teacher.kind,
                     "metrics": teacher_metrics, "params": final["meta"].get("teacher_params")},
         "data": {"train_inputs": len(inputs.train), "heldout_inputs": len(inputs.heldout),
@@ -167,9 +167,9 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def one_line(report: dict) -> str:
+def one_line(report: dict, where: Path | str) -> str:
     s = report["summary"]
-    parts = [f"build/{report['target']}: retention min {_pct(s['retention_min'])}",
+    parts = [f"{where}: retention min {_pct(s['retention_min'])}",
              f"fidelity {s['fidelity']['cosine']:.3f}",
              f"size {s['size_bytes'] / 1e6:.1f} MB"]
     if "latency_p50_ms" in s:

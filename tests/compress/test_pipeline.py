@@ -1,0 +1,170 @@
+"""End to end on a tiny teacher: the build, the cache rules, kill-and-resume,
+concurrent builds, gates, and `compress bench` against a baseline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli, tiny_recipe
+
+
+def build(project: Path, *extra: str, cache: str = ".compress/cache", out: str = "build"):
+    return run_cli("build", "-r", "compress.yaml", "--target", "cpu", "--cache", cache, "--out", out, *extra,
+                   cwd=project)
+
+
+def report(project: Path, out: str = "build") -> dict:
+    return json.loads((project / out / "cpu" / "report.json").read_text())
+
+
+def stage_cached(rep: dict) -> dict[str, bool]:
+    return {s["stage"]: s["cached"] for s in rep["stages"]}
+
+
+@pytest.fixture(scope="module")
+def project(tiny_project, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("e2e")
+    for name in ("train.txt", "pairs.jsonl", "compress.yaml"):
+        shutil.copyfile(tiny_project / name, d / name)
+    res = build(d)
+    assert res.returncode == 0, res.stderr
+    return d
+
+
+def test_build_writes_a_complete_report(project):
+    rep = report(project)
+    out = project / "build" / "cpu"
+    assert rep["schema_version"] == 1 and rep["target"] == "cpu"
+    assert [s["stage"] for s in rep["stages"]] == ["distill", "export", "quantize", "target cpu"]
+    assert [s["meta"].get("precision") for s in rep["stages"][1:]] == ["fp32", "int8", "int8"]
+    for s in rep["stages"]:
+        assert set(s["quality"]["retention"]) == {"pairs"}
+        assert -1 <= s["quality"]["fidelity"]["cosine"] <= 1
+    assert set(rep["bench"]["models"]) == {"student", "teacher-torch-fp32", "teacher-ort-fp32", "teacher-ort-int8"}
+    assert "student/teacher-ort-int8" in rep["bench"]["ratios"]
+    assert rep["bench"]["conditions"]["seq_len"] == 128 and rep["bench"]["conditions"]["threads"] == 2
+    assert rep["gates"]["passed"] is True
+    for name in ("model.onnx", "tokenizer.json", "session_options.json", "report.md", "provenance.json"):
+        assert (out / name).is_file(), name
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["teacher"]["digest"] == rep["teacher"]["digest"]
+    assert len(prov["data"]["train"]["sha256"]) == 64
+    assert "## Quality per stage" in (out / "report.md").read_text()
+    assert not list((project / "build").glob(".cpu.*"))
+
+
+def test_unchanged_rebuild_does_no_stage_work(project):
+    before = report(project)["final"]["model_sha256"]
+    res = build(project)
+    assert res.returncode == 0, res.stderr
+    assert "no stage work" in res.stderr
+    assert "running" not in res.stderr
+    rep = report(project)
+    assert all(stage_cached(rep).values())
+    assert rep["final"]["model_sha256"] == before
+
+
+def test_changing_quantize_reruns_only_quantize_and_after(project, tmp_path):
+    d = tmp_path / "p"
+    shutil.copytree(project, d, ignore=shutil.ignore_patterns("build"))
+    (d / "compress.yaml").write_text((project / "compress.yaml").read_text().replace(
+        "- quantize: {}", "- quantize: {per_channel: true}"))
+    res = build(d)
+    assert res.returncode == 0, res.stderr
+    assert stage_cached(report(d)) == {"distill": True, "export": True, "quantize": False, "target cpu": False}
+    assert "compress: distill: running" not in res.stderr.splitlines()
+
+
+def test_killed_builds_resume_to_the_same_model(project, tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    for name in ("train.txt", "pairs.jsonl", "compress.yaml"):
+        shutil.copyfile(project / name, d / name)
+    cmd = [sys.executable, "-m", "compress", "build", "-r", "compress.yaml", "--target", "cpu"]
+    # Kill at several moments: during start-up, distillation, export/quantize, eval and bench.
+    for delay in (1.0, 3.0, 4.5, 6.0, 8.0):
+        proc = subprocess.Popen(cmd, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    res = build(d)
+    assert res.returncode == 0, res.stderr
+    assert report(d)["final"]["model_sha256"] == report(project)["final"]["model_sha256"]
+    assert not list((d / "build").glob(".cpu.*")), "a killed build's temporary directory was left behind"
+    assert list((d / ".compress" / "cache" / "tmp").iterdir()) == []
+    for entry in (d / ".compress" / "cache").iterdir():
+        if entry.name not in ("tmp", "locks"):
+            assert (entry / "meta.json").is_file()
+
+
+def test_two_concurrent_builds_share_the_cache(project, tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    for name in ("train.txt", "pairs.jsonl", "compress.yaml"):
+        shutil.copyfile(project / name, d / name)
+    procs = [subprocess.Popen([sys.executable, "-m", "compress", "build", "-r", "compress.yaml", "--out", out],
+                              cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for out in ("out-a", "out-b")]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    sha = {report(d, out)["final"]["model_sha256"] for out in ("out-a", "out-b")}
+    assert sha == {report(project)["final"]["model_sha256"]}
+    # each stage ran once: the second build waited on the lock, then hit the cache
+    runs = sum(err.splitlines().count("compress: distill: running") for _, err in results)
+    assert runs == 1, "\n=====\n".join(err for _, err in results)
+
+
+def test_failed_gate_exits_1_and_keeps_report(project, tmp_path):
+    d = tmp_path / "p"
+    shutil.copytree(project, d, ignore=shutil.ignore_patterns("build"))
+    teacher = report(project)["recipe"]["teacher"]["source"].removeprefix("hf:")
+    (d / "compress.yaml").write_text(tiny_recipe(Path(teacher), gates="{retention: 5.0}"))
+    res = build(d)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("compress: error: gate failed: cpu: retention pairs") and "< gates.retention 5.0" in last
+    rep = report(d)
+    assert rep["gates"]["passed"] is False and rep["gates"]["failed"]
+    assert (d / "build" / "cpu" / "model.onnx").is_file()
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_build(project, tmp_path):
+    d = tmp_path / "p"
+    shutil.copytree(project, d, ignore=shutil.ignore_patterns("build"))
+    (d / "build" / "cpu").mkdir(parents=True)
+    (d / "build" / "cpu" / "notes.txt").write_text("mine")
+    res = build(d)
+    assert res.returncode == 2
+    assert "is not a compress build" in res.stderr
+    assert (d / "build" / "cpu" / "notes.txt").read_text() == "mine"
+
+
+def test_bench_and_baseline_gate(project, tmp_path):
+    out = project / "build" / "cpu"
+    saved = tmp_path / "bench.json"
+    res = run_cli("bench", str(out), "--runs", "6", "--no-rss", "--save", str(saved), cwd=project)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(saved.read_text())
+    assert "student/teacher-ort-int8" in result["ratios"]
+    # a baseline with an impossible ratio must be reported as a regression
+    baseline = json.loads(saved.read_text())
+    baseline["ratios"]["student/teacher-ort-int8"]["p50"] = 1e-6
+    bad = tmp_path / "baseline.json"
+    bad.write_text(json.dumps(baseline))
+    res = run_cli("bench", str(out), "--runs", "6", "--no-rss", "--baseline", str(bad), cwd=project)
+    assert res.returncode == 1
+    assert "REGRESSION: student/teacher-ort-int8" in res.stdout
+
+
+def test_inspect(project):
+    res = run_cli("inspect", str(project / "build" / "cpu"), cwd=project)
+    assert res.returncode == 0, res.stderr
+    assert "target cpu" in res.stdout and "train data sha256" in res.stdout

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from compress import recipe
+from compress.errors import RecipeError
+
+
+def test_embedded_example_is_valid_and_complete():
+    r = recipe.load(None)
+    assert r.teacher.source == "example:minilm"
+    assert [name for name, _ in r.stage_plan()] == ["distill", "export", "quantize"]
+    assert list(r.targets.selected()) == ["cpu"]
+
+
+def test_export_is_inserted_and_order_fixed():
+    r = recipe.parse({"stages": [{"quantize": {}}, {"distill": {"epochs": 1}}]})
+    assert [name for name, _ in r.stage_plan()] == ["distill", "export", "quantize"]
+
+
+def test_schema_has_descriptions_for_every_field():
+    s = recipe.schema()
+    json.dumps(s)
+    for name, defn in s["$defs"].items():
+        for field, prop in defn.get("properties", {}).items():
+            assert prop.get("description"), f"{name}.{field} has no description"
+
+
+@pytest.mark.parametrize("data,pattern", [
+    ({"teacher": {"sorce": "x"}}, r"unknown field 'sorce' in teacher"),
+    ({"stages": [{"prune2": {}}]}, r"stages\[0\]: unknown stage 'prune2' \(known: distill, export, quantize\)"),
+    ({"targets": {"jetsn": {}}}, r"targets: unknown target 'jetsn' \(known: cpu\)"),
+    ({"stages": [{"distill": {"epochs": "many"}}]}, r"stages\[0\]\.distill\.epochs: .*integer.*'many'"),
+    ({"stages": [{"distill": {}}, {"distill": {}}]}, r"'distill' appears twice"),
+    ({"gates": {"retention": 0}}, r"gates\.retention: .*greater than 0"),
+    ([1, 2], r"must be a YAML mapping"),
+])
+def test_errors_are_one_line_naming_the_field(data, pattern):
+    with pytest.raises(RecipeError, match=pattern) as info:
+        recipe.parse(data)
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_yaml_gives_line(tmp_path):
+    p = tmp_path / "compress.yaml"
+    p.write_text("teacher:\n  source: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"malformed YAML at line \d+"):
+        recipe.load(p)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        recipe.load(tmp_path / "nope.yaml")

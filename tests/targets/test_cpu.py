@@ -1,0 +1,48 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from compress.errors import TargetError
+from compress.export import export
+from compress.recipe import CpuTargetConfig, ExportConfig
+from compress.targets import cpu, get
+from tests.conftest import make_texts
+from tests.stage_helpers import context, teacher_artifact
+
+
+def test_unknown_target_lists_known():
+    with pytest.raises(TargetError, match=r"unknown target 'jetsonx' \(known: cpu\)"):
+        get("jetsonx")
+
+
+def test_cpu_rejects_unsupported_precision():
+    with pytest.raises(TargetError, match="cannot build int4"):
+        cpu.check(CpuTargetConfig(), "int4")
+
+
+def test_cpu_build_runs_from_its_directory_alone(tiny_teacher, tmp_path):
+    fp32 = export(teacher_artifact(tiny_teacher), ExportConfig(), context(tmp_path / "fp32", make_texts(20)))
+    art = cpu.build(fp32, CpuTargetConfig(threads=1), context(tmp_path / "cpu", []))
+    options = json.loads((art.path / "session_options.json").read_text())
+    assert options["intra_op_num_threads"] == 1
+    assert art.meta["session_options"] == options
+    onnx.checker.check_model(onnx.load(str(art.model_file)))
+
+    # Load exactly as a deployment would: tokenizer and session from the build directory only.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(art.path))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options["intra_op_num_threads"]
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, options["graph_optimization_level"])
+    sess = ort.InferenceSession(str(art.model_file), so, providers=options["providers"])
+    enc = tok(["a cat runs", "the big red house"], padding=True, return_tensors="np")
+    out = sess.run(["sentence_embedding"], {"input_ids": enc["input_ids"].astype(np.int64),
+                                            "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+    ref = ort.InferenceSession(str(fp32.model_file), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+    assert out.shape == (2, 32)
+    assert np.abs(out - ref).max() < 1e-4
