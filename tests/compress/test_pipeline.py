@@ -168,3 +168,34 @@ def test_inspect(project):
     res = run_cli("inspect", str(project / "build" / "cpu"), cwd=project)
     assert res.returncode == 0, res.stderr
     assert "target cpu" in res.stdout and "train data sha256" in res.stdout
+
+
+def test_onnx_teacher_is_quantized_and_built_without_distill(project, tmp_path):
+    """An ONNX teacher: no distill, but quantize, target, eval and bench all run."""
+    from compress.export import export
+    from compress.recipe import ExportConfig
+    from tests.conftest import make_texts
+    from tests.stage_helpers import context, teacher_artifact
+
+    teacher_dir = Path(report(project)["recipe"]["teacher"]["source"].removeprefix("hf:"))
+    fp32 = export(teacher_artifact(teacher_dir), ExportConfig(), context(tmp_path / "fp32", make_texts(10)))
+    d = tmp_path / "p"
+    d.mkdir()
+    for name in ("train.txt", "pairs.jsonl"):
+        shutil.copyfile(project / name, d / name)
+    recipe = tiny_recipe(teacher_dir).replace(f"hf:{teacher_dir}", f"onnx:{fp32.model_file}").replace(
+        "  - distill: {epochs: 1, batch_size: 16, max_length: 32}\n", "")
+    (d / "compress.yaml").write_text(recipe)
+    res = build(d)
+    assert res.returncode == 0, res.stderr
+    rep = report(d)
+    assert [s["stage"] for s in rep["stages"]] == ["quantize", "target cpu"]
+    assert rep["teacher"]["kind"] == "onnx"
+    assert "teacher-torch-fp32" not in rep["bench"]["models"]
+    assert rep["stages"][-1]["quality"]["fidelity"]["cosine"] > 0.9
+
+    # and an ONNX teacher cannot be distilled: said before any work
+    (d / "compress.yaml").write_text(recipe.replace("  - quantize: {}", "  - distill: {}\n  - quantize: {}"))
+    res = build(d, out="other")
+    assert res.returncode == 2 and "distill needs a torch teacher" in res.stderr
+    assert not (d / "other").exists()
