@@ -142,7 +142,7 @@ class BenchConfig(Frozen):
     threads: int = Field(2, ge=1, description="intra_op threads")
     warmup: int = Field(10, ge=1, description="Warm-up runs per block")
     runs: int = Field(100, ge=4, description="Timed runs per model, split over rounds")
-    rounds: int = Field(4, ge=1, description="Blocks per model, alternated A B A B")
+    rounds: int = Field(10, ge=1, description="Blocks per model, alternated A B A B; the ratio is the median over blocks")
     teacher: bool = Field(True, description="Also measure the teacher (torch eager, ORT fp32 optimized, ORT dynamic int8)")
     rss: bool = Field(True, description="Measure peak RSS in a fresh process per model")
 
