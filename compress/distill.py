@@ -70,30 +70,33 @@ def feature_loss(s_pooled, t_pooled, s_states, t_states, mask, cfg: DistillConfi
     return cfg.pooled_weight * pooled + cfg.hidden_weight * hidden, pooled.detach(), hidden.detach()
 
 
-def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
+def no_dropout(model) -> None:
+    """Dropout only blurs the function the student copies."""
     import torch
 
-    from compress.encoders import load_tokenizer
-    from compress.models import count_params, derive_student, every_other_layer, load_hf_encoder, make_sentence_encoder
-
-    out: Path = ctx.out
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-
-    teacher = load_hf_encoder(src.path)
-    n_layers = teacher.config.num_hidden_layers
-    layers = cfg.student.layers or every_other_layer(n_layers)
-    student = derive_student(teacher, layers)
-    for module in student.modules():  # dropout only blurs the function we copy
+    for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg: DistillConfig,
+          progress, desc: str = "distill") -> dict:
+    """Feature distillation of `student` (in place) towards `teacher`.
+
+    Student layer i learns the hidden state after teacher layer layers[i]
+    (states[0] is the embeddings). Shared by distill and prune's recovery.
+    """
+    import torch
+
+    from compress.models import make_sentence_encoder
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    no_dropout(student)
     t_enc = make_sentence_encoder(teacher).eval()
     s_enc = make_sentence_encoder(student).train()
-    # Student layer i reproduces the state after teacher layer layers[i] (states[0] is the embeddings).
     targets = [l + 1 for l in layers]
 
-    tokenizer = load_tokenizer(src.path)
-    texts = ctx.train_texts
     encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
     batches = _batches([len(e) for e in encoded], cfg.batch_size)
     steps_per_epoch = len(batches)
@@ -110,7 +113,7 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     pad_id = tokenizer.pad_token_id or 0
 
     teacher_cache: dict[int, tuple] = {}
-    bar = ctx.progress(total=total, desc="distill")
+    bar = progress(total=total, desc=desc)
     step, history = 0, []
     while step < total:
         order = list(range(steps_per_epoch))
@@ -139,12 +142,25 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
             history.append(value)
             bar.update(1, loss=value, pooled=lp.item(), hidden=float(lh))
     bar.close()
+    student.eval()
+    head = sum(history[:20]) / max(len(history[:20]), 1)
+    tail = sum(history[-20:]) / max(len(history[-20:]), 1)
+    log.info("%s: %d steps, loss %.4f -> %.4f", desc, step, head, tail)
+    return {"steps": step, "loss_first": head, "loss_last": tail, "bf16": use_bf16}
+
+
+def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
+    from compress.encoders import load_tokenizer
+    from compress.models import count_params, derive_student, every_other_layer, load_hf_encoder
+
+    out: Path = ctx.out
+    teacher = load_hf_encoder(src.path)
+    layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
+    student = derive_student(teacher, layers)
+    stats = train(student, teacher, layers, ctx.train_texts, load_tokenizer(src.path), cfg, ctx.progress)
 
     student.save_pretrained(str(out), safe_serialization=True)
     tokenizer_files = copy_tokenizer(src.path, out)
-    head = sum(history[:20]) / max(len(history[:20]), 1)
-    tail = sum(history[-20:]) / max(len(history[-20:]), 1)
-    log.info("distill: %d steps, loss %.4f -> %.4f", step, head, tail)
     return seal(out, "torch", {
         **src.meta,
         "parent": src.digest,
@@ -152,10 +168,7 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         "num_layers": len(layers),
         "params": count_params(student),
         "teacher_params": count_params(teacher),
-        "steps": step,
-        "train_inputs": len(texts),
-        "loss_first": head,
-        "loss_last": tail,
-        "bf16": use_bf16,
+        **stats,
+        "train_inputs": len(ctx.train_texts),
         "tokenizer_files": tokenizer_files,
     })

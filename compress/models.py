@@ -18,6 +18,10 @@ def load_hf_encoder(path: str | Path):
     """Load a Hugging Face encoder with eager attention (exportable, fusable)."""
     from transformers import AutoModel
 
+    from compress.prune import PLAN_FILE, load_pruned
+
+    if (Path(path) / PLAN_FILE).is_file():
+        return load_pruned(Path(path))
     try:
         model = AutoModel.from_pretrained(str(path), attn_implementation="eager")
     except (OSError, ValueError) as exc:

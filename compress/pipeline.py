@@ -35,6 +35,9 @@ def stage_function(name: str) -> tuple[Callable, int]:
     if name == "distill":
         from compress import distill as mod
         return mod.distill, mod.VERSION
+    if name == "prune":
+        from compress import prune as mod
+        return mod.prune, mod.VERSION
     if name == "export":
         from compress import export as mod
         return mod.export, mod.VERSION
@@ -73,6 +76,7 @@ class StageContext:
     validation_texts: list[str]
     max_length: int
     progress: Callable[..., Progress]
+    teacher: Artifact | None = None
 
 
 @dataclass
@@ -142,9 +146,10 @@ def preflight(recipe: Recipe, targets: list[str]):
         mod.check(cfg, precision)
         modules[name] = (mod, cfg)
     kind, _ = sources.check(recipe.teacher.source, recipe.teacher.tokenizer)
-    if kind == "onnx" and any(n == "distill" for n, _ in plan):
-        raise RecipeError(f"stages: distill needs a torch teacher, but {recipe.teacher.source} is ONNX; use hf:<dir>, "
-                          "or drop distill to quantize and build the ONNX model as it is")
+    torch_stages = [n for n, _ in plan if n in ("distill", "prune")]
+    if kind == "onnx" and torch_stages:
+        raise RecipeError(f"stages: {torch_stages[0]} needs a torch teacher, but {recipe.teacher.source} is ONNX; use hf:<dir>, "
+                          "or keep only quantize to build the ONNX model as it is")
     return modules, plan
 
 
@@ -181,7 +186,8 @@ class Builder:
             self.opts.echo(f"{label}: running")
             ctx = StageContext(out=out, train_texts=self.inputs.train,
                                validation_texts=self.inputs.heldout[:32],
-                               max_length=self.recipe.teacher.max_length, progress=self.progress)
+                               max_length=self.recipe.teacher.max_length, progress=self.progress,
+                               teacher=self.teacher)
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
@@ -203,7 +209,11 @@ class Builder:
             if name == "export" and src.kind == "onnx":
                 continue  # an ONNX teacher is already exported
             fn, version = stage_function(name)
-            extra = {"train": self.inputs.digests["train"]} if name == "distill" else None
+            extra = None
+            if name == "distill":  # reads the train inputs; its input artifact is the teacher
+                extra = {"train": self.inputs.digests["train"]}
+            elif name == "prune":  # reads the train inputs and the teacher beside its input
+                extra = {"train": self.inputs.digests["train"], "teacher": self.teacher.digest}
             record = self.run_stage(name, fn, version, src, cfg, extra)
             self.records.append(record)
             src = record.artifact

@@ -61,6 +61,18 @@ class DistillConfig(Frozen):
     seed: int = Field(0, description="Seed for initialisation order, shuffling and dropout")
 
 
+class PruneConfig(Frozen):
+    heads: float = Field(0.25, ge=0, lt=1, description="Share of attention heads removed in every layer (at least one head stays)")
+    ffn: float = Field(0.3, ge=0, lt=1, description="Share of FFN neurons removed in every layer")
+    importance: Literal["taylor", "magnitude"] = Field("taylor", description="taylor: |sum(grad x weight)| of the distillation loss; magnitude: weight norm")
+    importance_batches: int = Field(16, ge=1, description="Batches the Taylor gradients are accumulated over")
+    recover_steps: int = Field(300, ge=0, description="Feature-distillation steps from the teacher after pruning")
+    batch_size: int = Field(32, ge=1, description="Inputs per step (importance and recovery)")
+    max_length: int = Field(128, ge=8, description="Inputs are truncated to this many tokens")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate of the recovery")
+    seed: int = Field(0, description="Seed of the recovery")
+
+
 class ExportConfig(Frozen):
     opset: int = Field(17, ge=14, le=21, description="ONNX opset")
     max_abs_diff: float = Field(1e-3, gt=0, description="Largest allowed |onnx - torch| on any embedding value")
@@ -75,15 +87,17 @@ class QuantizeConfig(Frozen):
 
 STAGE_CONFIGS: dict[str, type[Frozen]] = {
     "distill": DistillConfig,
+    "prune": PruneConfig,
     "export": ExportConfig,
     "quantize": QuantizeConfig,
 }
 # Stages run in this order whatever the recipe's order; export is inserted if absent.
-STAGE_ORDER = ["distill", "export", "quantize"]
+STAGE_ORDER = ["distill", "prune", "export", "quantize"]
 
 
 class StageEntry(Frozen):
     distill: DistillConfig | None = Field(None, description="Teacher -> smaller student (torch)")
+    prune: PruneConfig | None = Field(None, description="Student -> fewer heads and FFN neurons, then recovery (torch)")
     export: ExportConfig | None = Field(None, description="torch -> validated ONNX (inserted when absent)")
     quantize: QuantizeConfig | None = Field(None, description="fp32 ONNX -> int8 ONNX")
 
@@ -153,7 +167,7 @@ class Recipe(Frozen):
     data: DataConfig = Field(DataConfig(), description="Train, held-out and eval inputs")
     stages: list[StageEntry] = Field(
         default_factory=lambda: [StageEntry(distill={}), StageEntry(export={}), StageEntry(quantize={})],
-        description="Stages in order: distill, export, quantize")
+        description="Stages in order: distill, prune, export, quantize")
     targets: TargetsConfig = Field(TargetsConfig(cpu=CpuTargetConfig()), description="Builds to emit, one per target")
     gates: GatesConfig = Field(GatesConfig(), description="Quality gates; a build that misses one exits 1 but keeps its report")
     bench: BenchConfig = Field(BenchConfig(), description="Benchmark conditions")

@@ -199,3 +199,19 @@ def test_onnx_teacher_is_quantized_and_built_without_distill(project, tmp_path):
     res = build(d, out="other")
     assert res.returncode == 2 and "distill needs a torch teacher" in res.stderr
     assert not (d / "other").exists()
+
+
+def test_prune_stage_in_a_build(project, tmp_path):
+    d = tmp_path / "p"
+    shutil.copytree(project, d, ignore=shutil.ignore_patterns("build"))
+    recipe = (project / "compress.yaml").read_text().replace(
+        "  - quantize: {}", "  - prune: {heads: 0.5, ffn: 0.5, recover_steps: 5, batch_size: 16, max_length: 32}\n  - quantize: {}")
+    (d / "compress.yaml").write_text(recipe)
+    res = build(d)
+    assert res.returncode == 0, res.stderr
+    rep = report(d)
+    assert [s["stage"] for s in rep["stages"]] == ["distill", "prune", "export", "quantize", "target cpu"]
+    assert stage_cached(rep)["distill"] is True  # same distill as the project's: reused from the copied cache
+    prune_meta = rep["stages"][1]["meta"]
+    assert prune_meta["params"] < prune_meta["params_before_prune"]
+    assert rep["stages"][-1]["meta"]["params"] == prune_meta["params"]
