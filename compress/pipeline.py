@@ -26,6 +26,7 @@ from compress.recipe import ExportConfig, QuantizeConfig, Recipe
 log = logging.getLogger(__name__)
 
 EVAL_VERSION = 1
+CALIBRATION_SAMPLES = 256
 BENCH_VERSION = 1
 REFERENCE = "teacher-ort-int8"
 
@@ -77,6 +78,7 @@ class StageContext:
     max_length: int
     progress: Callable[..., Progress]
     teacher: Artifact | None = None
+    calibration_texts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class Inputs:
     train: list[str]
     heldout: list[str]
     eval_sets: list[Any]
+    calibration: list[str] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
 
 
@@ -123,9 +126,16 @@ def load_inputs(recipe: Recipe) -> Inputs:
                           "held out; give more inputs (hundreds at least) or raise data.heldout_fraction")
     heldout = heldout[:d.heldout_samples]
     eval_sets = [datamod.load_eval(e.source, e.field, e.samples) for e in d.eval]
+    if d.calibration is not None:
+        calibration = datamod.load_texts(d.calibration.source, d.calibration.field,
+                                         d.calibration.samples or CALIBRATION_SAMPLES, where="data.calibration")
+    else:  # spread over the train inputs, not just the first ones
+        step = max(1, len(train) // CALIBRATION_SAMPLES)
+        calibration = train[::step][:CALIBRATION_SAMPLES]
     digests = {"train": datamod.texts_digest(train), "heldout": datamod.texts_digest(heldout),
+               "calibration": datamod.texts_digest(calibration),
                **{f"eval:{s.name}": s.digest() for s in eval_sets}}
-    return Inputs(train, heldout, eval_sets, digests)
+    return Inputs(train, heldout, eval_sets, calibration, digests)
 
 
 def preflight(recipe: Recipe, targets: list[str]):
@@ -187,7 +197,7 @@ class Builder:
             ctx = StageContext(out=out, train_texts=self.inputs.train,
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
-                               teacher=self.teacher)
+                               teacher=self.teacher, calibration_texts=self.inputs.calibration)
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
@@ -214,6 +224,8 @@ class Builder:
                 extra = {"train": self.inputs.digests["train"]}
             elif name == "prune":  # reads the train inputs and the teacher beside its input
                 extra = {"train": self.inputs.digests["train"], "teacher": self.teacher.digest}
+            elif name == "quantize" and cfg.mode == "static":  # reads the calibration inputs
+                extra = {"calibration": self.inputs.digests["calibration"]}
             record = self.run_stage(name, fn, version, src, cfg, extra)
             self.records.append(record)
             src = record.artifact
@@ -238,7 +250,8 @@ class Builder:
         from compress import evaluate as ev
         from compress.encoders import open_encoder
 
-        key = make_key(art.digest, "eval", self.inputs.digests, self.recipe.teacher.max_length, EVAL_VERSION)
+        scored = {k: v for k, v in self.inputs.digests.items() if k == "heldout" or k.startswith("eval:")}
+        key = make_key(art.digest, "eval", scored, self.recipe.teacher.max_length, EVAL_VERSION)
 
         def make(out: Path) -> None:
             self.opts.echo(f"eval {label}: running")

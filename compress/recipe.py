@@ -32,6 +32,7 @@ class DataSource(Frozen):
 
 class DataConfig(Frozen):
     train: DataSource = Field(DataSource(source="example:corpus"), description="Unlabelled inputs the student learns from")
+    calibration: DataSource | None = Field(None, description="Inputs for static quantization ranges (default: 256 train inputs)")
     heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of train inputs held out (by hash) for fidelity")
     heldout_samples: int = Field(1000, ge=20, description="At most this many held-out inputs are scored")
     eval: list[DataSource] = Field(
@@ -81,8 +82,11 @@ class ExportConfig(Frozen):
 
 class QuantizeConfig(Frozen):
     dtype: Literal["int8"] = Field("int8", description="Weight precision")
-    mode: Literal["dynamic"] = Field("dynamic", description="dynamic: weights int8 offline, activations quantized at run time")
+    mode: Literal["dynamic", "static"] = Field("dynamic", description="dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration")
     per_channel: bool = Field(False, description="One scale per output channel instead of per tensor")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field("percentile", description="static: how activation ranges are chosen from calibration data")
+    percentile: float = Field(99.99, gt=90, le=100, description="static + percentile: the share of activation values the range covers")
+    flavour: Literal["u8s8", "s8s8-symmetric"] = Field("u8s8", description="static: u8s8 = uint8 activations, int8 weights (x86 VNNI, ARM); s8s8-symmetric = int8, zero point 0 (TensorRT)")
 
 
 STAGE_CONFIGS: dict[str, type[Frozen]] = {

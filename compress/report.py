@@ -92,6 +92,7 @@ def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
         "data": {
             "train": {"source": recipe.data.train.source, "inputs": len(inputs.train), "sha256": inputs.digests["train"]},
             "heldout": {"inputs": len(inputs.heldout), "sha256": inputs.digests["heldout"]},
+            "calibration": {"inputs": len(inputs.calibration), "sha256": inputs.digests["calibration"]},
             "eval": {k.split(":", 1)[1]: v for k, v in inputs.digests.items() if k.startswith("eval:")},
             "packages": {"gensim": pkg("gensim")} if any(
                 s.source.startswith("example:") for s in [recipe.data.train, *recipe.data.eval]) else {},
