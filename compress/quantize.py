@@ -58,7 +58,11 @@ def quantize(src: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
     ids, mask = random_inputs(src.meta.get("vocab_size", 30522))
     agreement = compare(run_onnx(out / "model.onnx", ids, mask), run_onnx(src.model_file, ids, mask))
-    log.info("quantize: %s int8, cosine to fp32 %.4f", cfg.mode, agreement["mean_cosine"])
+    from compress.graphstats import matmul_flops
+
+    details["flops"] = matmul_flops(out / "model.onnx")
+    log.info("quantize: %s int8, cosine to fp32 %.4f, int8 share of FLOPs %.3f", cfg.mode,
+             agreement["mean_cosine"], details["flops"]["int8_share"])
     return seal(out, "onnx", {**src.meta, "parent": src.digest, "precision": "int8",
                               "quantization": {"mode": cfg.mode, "dtype": cfg.dtype, "per_channel": cfg.per_channel,
                                                **details, "agreement_random": agreement}})

@@ -52,6 +52,7 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "retention_min": min(final["quality"]["retention"].values()) if final["quality"]["retention"] else None,
         "fidelity": final["quality"]["fidelity"],
         "size_bytes": final["size_bytes"],
+        "int8_flop_share": final["meta"].get("quantization", {}).get("flops", {}).get("int8_share"),
     }
     if bench:
         summary["latency_p50_ms"] = bench["models"]["student"]["latency_ms"]["p50"]
@@ -223,6 +224,9 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {name} | {r['p50']:.3f} | {r['spread'][0]:.3f}-{r['spread'][1]:.3f} | {r.get('throughput', float('nan')):.2f} |")
         methods = {m.get("energy_mj_per_inference", {}).get("method") for m in bench["models"].values()}
         lines += ["", "Energy: " + "; ".join(sorted(x for x in methods if x))]
+    share = s.get("int8_flop_share")
+    if share is not None:
+        lines += ["", f"Share of matrix-product FLOPs in int8 (batch 1, sequence 128): {share:.1%}."]
     g = report["gates"]
     lines += ["", "## Gates", "",
               f"retention >= {g['retention']}, fidelity >= {g['fidelity']}: " + ("passed" if g["passed"] else "FAILED: " + "; ".join(g["failed"])),

@@ -31,6 +31,13 @@ def test_dynamic_int8(fp32, tmp_path, per_channel):
     assert art.meta["precision"] == "int8" and art.meta["parent"] == fp32.digest
     assert art.meta["quantization"]["agreement_random"]["mean_cosine"] > 0.95
     assert (art.path / "tokenizer.json").is_file()
+    flops = art.meta["quantization"]["flops"]
+    # weight projections are int8; the attention products (activation x activation) stay float
+    # counted exactly at batch 1, seq 128 for the tiny teacher (4 layers, hidden 32, FFN 64)
+    s, h, f, layers = 128, 32, 64, 4
+    assert flops["uncounted"] == 0
+    assert flops["int8"] == layers * (4 * 2 * s * h * h + 2 * 2 * s * h * f)
+    assert flops["float"] == layers * 2 * (2 * s * s * h)
 
 
 def _qdq_params(model):
@@ -58,6 +65,7 @@ def test_static_qdq_each_calibration(fp32, tmp_path, calibration):
         assert np.all(np.isfinite(scale)) and np.all(scale > 0), name
         assert zero.dtype == np.uint8  # u8s8: asymmetric uint8 activations
     assert art.meta["quantization"]["calibration"] == calibration
+    assert art.meta["quantization"]["flops"]["int8_share"] >= 0.5
     assert art.meta["quantization"]["agreement_random"]["mean_cosine"] > 0.9
 
 
