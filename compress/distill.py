@@ -8,12 +8,13 @@ batch and reused across epochs; batches group inputs of similar length.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
 
 from compress.artifact import Artifact, copy_tokenizer, seal
-from compress.recipe import DistillConfig
+from compress.recipe import DistillConfig, PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -153,19 +154,34 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     from compress.encoders import load_tokenizer
     from compress.models import count_params, derive_student, every_other_layer, load_hf_encoder
 
+    from compress import prune as pruning
+
     out: Path = ctx.out
     teacher = load_hf_encoder(src.path)
     layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
     student = derive_student(teacher, layers)
-    stats = train(student, teacher, layers, ctx.train_texts, load_tokenizer(src.path), cfg, ctx.progress)
+    tokenizer = load_tokenizer(src.path)
+    plan = None
+    if cfg.student.ffn > 0 or cfg.student.heads > 0:
+        # Narrow the student before training: distillation then recovers what the
+        # removed neurons carried, at no extra cost (unlike pruning afterwards).
+        no_dropout(student)
+        pruning.importance(student, teacher, layers, ctx.train_texts, tokenizer,
+                           PruneConfig(batch_size=cfg.batch_size, max_length=cfg.max_length))
+        plan = pruning.make_plan(student, cfg.student.heads, cfg.student.ffn, "taylor")
+        pruning.apply_plan(student, plan)
+    stats = train(student, teacher, layers, ctx.train_texts, tokenizer, cfg, ctx.progress)
 
     student.save_pretrained(str(out), safe_serialization=True)
+    if plan is not None:
+        (out / pruning.PLAN_FILE).write_text(json.dumps(plan, indent=2, sort_keys=True))
     tokenizer_files = copy_tokenizer(src.path, out)
     return seal(out, "torch", {
         **src.meta,
         "parent": src.digest,
         "layers": layers,
         "num_layers": len(layers),
+        "structure": pruning.structure(student),
         "params": count_params(student),
         "teacher_params": count_params(teacher),
         **stats,

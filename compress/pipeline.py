@@ -287,7 +287,9 @@ class Builder:
             fp32 = t
         optimized = self.run_stage("optimize-reference", optimize_reference, 1, fp32, ExportConfig(),
                                    label="reference: teacher ORT transformer optimizer").artifact
-        int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32, QuantizeConfig(),
+        # Optimum's dynamic avx512_vnni config: per-tensor int8 weights. Pinned here so
+        # the reference does not move when compress's own defaults do.
+        int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32, QuantizeConfig(per_channel=False),
                               label="reference: teacher dynamic int8").artifact
         tok = [str(t.path / n) for n in fp32.meta.get("tokenizer_files", [])]
         models.append(bench.BenchModel("teacher-ort-fp32", "onnx", str(optimized.model_file),

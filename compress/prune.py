@@ -153,6 +153,24 @@ def importance(student, teacher, layers, texts, tokenizer, cfg: PruneConfig):
         loss.backward()
 
 
+def make_plan(model, heads: float, ffn: float, kind: str) -> dict:
+    """What to keep in every layer, from the scores (Taylor needs .grad filled)."""
+    plan: dict = {"heads": {}, "ffn": {}}
+    for i, layer in enumerate(model.encoder.layer):
+        if heads > 0:
+            plan["heads"][str(i)] = keep_top(head_scores(layer, kind), heads)
+        if ffn > 0:
+            plan["ffn"][str(i)] = keep_top(ffn_scores(layer, kind), ffn)
+    model.zero_grad(set_to_none=True)
+    return plan
+
+
+def structure(model) -> dict:
+    """[kept, of] heads and FFN neurons per layer, for reports."""
+    return {"heads": [num_heads(layer) for layer in model.encoder.layer],
+            "ffn": [layer.intermediate.dense.out_features for layer in model.encoder.layer]}
+
+
 def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     from compress.distill import no_dropout, train
     from compress.encoders import load_tokenizer
@@ -169,13 +187,7 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     if cfg.importance == "taylor":
         importance(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
 
-    plan: dict = {"heads": {}, "ffn": {}}
-    for i, layer in enumerate(student.encoder.layer):
-        if cfg.heads > 0:
-            plan["heads"][str(i)] = keep_top(head_scores(layer, cfg.importance), cfg.heads)
-        if cfg.ffn > 0:
-            plan["ffn"][str(i)] = keep_top(ffn_scores(layer, cfg.importance), cfg.ffn)
-    student.zero_grad(set_to_none=True)
+    plan = make_plan(student, cfg.heads, cfg.ffn, cfg.importance)
     apply_plan(student, plan)
     after = count_params(student)
     log.info("prune: %d -> %d parameters", before, after)

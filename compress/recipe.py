@@ -44,6 +44,8 @@ class DataConfig(Frozen):
 
 class StudentConfig(Frozen):
     layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last)")
+    ffn: float = Field(0.35, ge=0, lt=1, description="Share of FFN neurons removed from every kept layer before training (Taylor-ranked)")
+    heads: float = Field(0.0, ge=0, lt=1, description="Share of attention heads removed from every kept layer before training")
 
 
 class DistillConfig(Frozen):
@@ -83,7 +85,7 @@ class ExportConfig(Frozen):
 class QuantizeConfig(Frozen):
     dtype: Literal["int8"] = Field("int8", description="Weight precision")
     mode: Literal["dynamic", "static"] = Field("dynamic", description="dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration")
-    per_channel: bool = Field(False, description="One scale per output channel instead of per tensor")
+    per_channel: bool = Field(True, description="One scale per output channel instead of per tensor (keeps ~0.015 more fidelity on MiniLM at no measurable cost)")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("percentile", description="static: how activation ranges are chosen from calibration data")
     percentile: float = Field(99.99, gt=90, le=100, description="static + percentile: the share of activation values the range covers")
     flavour: Literal["u8s8", "s8s8-symmetric"] = Field("u8s8", description="static: u8s8 = uint8 activations, int8 weights (x86 VNNI, ARM); s8s8-symmetric = int8, zero point 0 (TensorRT)")

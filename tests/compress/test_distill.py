@@ -30,7 +30,7 @@ def test_derive_student_copies_chosen_layers(tiny_teacher):
 @pytest.fixture(scope="module")
 def distilled(tiny_teacher, tmp_path_factory):
     src = teacher_artifact(tiny_teacher)
-    cfg = DistillConfig(epochs=3, batch_size=16, max_length=32, lr=1e-3)
+    cfg = DistillConfig(student=StudentConfig(ffn=0), epochs=3, batch_size=16, max_length=32, lr=1e-3)
     train = make_texts(320)
     art = distill(src, cfg, context(tmp_path_factory.mktemp("distill"), train))
     return src, cfg, train, art
@@ -52,7 +52,7 @@ def test_distilled_student_is_closer_to_teacher_than_undistilled(distilled, tiny
     teacher = TorchEncoder(tiny_teacher, 64).embed(held)
     trained = TorchEncoder(art.path, 64).embed(held)
     raw_dir = tmp_path / "raw"
-    derive_student(load_hf_encoder(tiny_teacher), [1, 3]).save_pretrained(raw_dir)
+    derive_student(load_hf_encoder(tiny_teacher), [1, 3]).save_pretrained(raw_dir)  # same shapes: ffn=0 above
     for f in art.meta["tokenizer_files"]:
         (raw_dir / f).write_bytes((art.path / f).read_bytes())
     untrained = TorchEncoder(raw_dir, 64).embed(held)
@@ -75,3 +75,17 @@ def test_distill_rejects_bad_layers(tiny_teacher, tmp_path):
     cfg = DistillConfig(student=StudentConfig(layers=[0, 7]), max_steps=1)
     with pytest.raises(RecipeError, match="0..3"):
         distill(src, cfg, context(tmp_path / "x", make_texts(20)))
+
+
+def test_student_narrowed_before_training(tiny_teacher, tmp_path):
+    from compress.prune import PLAN_FILE
+
+    src = teacher_artifact(tiny_teacher)
+    cfg = DistillConfig(student=StudentConfig(ffn=0.5, heads=0.5), max_steps=30, batch_size=16, max_length=32, lr=1e-3)
+    art = distill(src, cfg, context(tmp_path, make_texts(200)))
+    assert (art.path / PLAN_FILE).is_file()
+    assert art.meta["structure"] == {"heads": [1, 1], "ffn": [32, 32]}
+    model = load_hf_encoder(art.path)  # reloads with its narrower shapes
+    assert [l.intermediate.dense.out_features for l in model.encoder.layer] == [32, 32]
+    assert art.meta["loss_last"] < art.meta["loss_first"]
+    assert art.meta["params"] < load_hf_encoder(tiny_teacher).num_parameters() * 0.99

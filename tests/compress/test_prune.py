@@ -9,7 +9,7 @@ from compress.evaluate import fidelity
 from compress.export import export
 from compress.models import load_hf_encoder, make_sentence_encoder
 from compress.prune import PLAN_FILE, apply_plan, keep_top, prune
-from compress.recipe import DistillConfig, ExportConfig, PruneConfig
+from compress.recipe import DistillConfig, ExportConfig, PruneConfig, StudentConfig
 from tests.conftest import make_texts
 from tests.stage_helpers import context, teacher_artifact
 
@@ -18,7 +18,8 @@ from tests.stage_helpers import context, teacher_artifact
 def student(tiny_teacher, tmp_path_factory):
     src = teacher_artifact(tiny_teacher)
     ctx = context(tmp_path_factory.mktemp("student"), make_texts(200))
-    return src, distill(src, DistillConfig(max_steps=20, batch_size=16, max_length=32, lr=1e-3), ctx)
+    cfg = DistillConfig(student=StudentConfig(ffn=0), max_steps=20, batch_size=16, max_length=32, lr=1e-3)
+    return src, distill(src, cfg, ctx)
 
 
 def _ctx(path, teacher):
