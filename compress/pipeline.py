@@ -301,9 +301,7 @@ class Builder:
         from compress import bench
 
         b = self.recipe.bench
-        cond = bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=b.threads, warmup=b.warmup,
-                                runs=b.runs, rounds=b.rounds, measure_rss=b.rss,
-                                vocab_size=final.meta.get("vocab_size", 30522))
+        cond = bench_conditions(b, final.meta.get("vocab_size", 30522))
         student = bench.BenchModel("student", "onnx", str(final.model_file), tuple(str(p) for p in final.files()))
         models = [student] + (self.reference_models(b.threads) if b.teacher else [])
         reference = REFERENCE if b.teacher else None
@@ -336,6 +334,16 @@ class Builder:
         rep.write_build(self.opts.out_root, tname, final, report, rep.provenance(self.recipe, self.teacher, self.inputs, final))
         self.opts.echo(rep.one_line(report, self.opts.out_root / tname))
         return report
+
+
+def bench_conditions(b, vocab_size: int, runs: int | None = None, rss: bool | None = None):
+    """The recipe's bench settings as the engine's Conditions (runs/rss overridable)."""
+    from compress import bench
+
+    runs = runs or b.runs
+    return bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=b.threads, warmup=b.warmup, runs=runs,
+                            rounds=min(b.rounds, runs), measure_rss=b.rss if rss is None else rss,
+                            vocab_size=vocab_size)
 
 
 def optimize_reference(src: Artifact, cfg: Any, ctx) -> Artifact:
@@ -401,8 +409,6 @@ def bench_build_dir(build_dir: Path, cache_root: Path, runs: int | None = None, 
     models = [bench.BenchModel("student", "onnx", str(build_dir / "model.onnx"), files)]
     if teacher:
         models += builder.reference_models(b.threads)
-    cond = bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=b.threads, warmup=b.warmup,
-                            runs=runs or b.runs, rounds=min(b.rounds, runs or b.runs), measure_rss=rss,
-                            vocab_size=report["stages"][-1]["meta"].get("vocab_size", 30522))
+    cond = bench_conditions(b, report["stages"][-1]["meta"].get("vocab_size", 30522), runs=runs, rss=rss)
     echo(f"bench: {len(models)} models, {cond.runs} timed runs each")
     return bench.run(models, cond, reference=REFERENCE if teacher else None, progress=lambda m: log.info("bench: %s", m))
