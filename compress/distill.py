@@ -111,6 +111,7 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: (step + 1) / max(warmup, 1) if step < warmup else max(0.0, (total - step) / max(total - warmup, 1)))
     use_bf16 = cfg.bf16 and bf16_supported()
+    use_feature, use_attention = "feature" in cfg.losses, "attention" in cfg.losses
     pad_id = tokenizer.pad_token_id or 0
 
     teacher_cache: dict[int, tuple] = {}
@@ -126,13 +127,24 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
             if b not in teacher_cache:
                 with torch.inference_mode():
                     _, t_pooled, t_states = t_enc.encode(ids, mask)
+                    t_rel = (relations(teacher.encoder.layer[layers[-1]], t_states[layers[-1]], mask,
+                                       cfg.relation_heads) if use_attention else ())
                 # fp16 halves the memory of the cached targets at no cost in signal
-                teacher_cache[b] = (t_pooled.half(), [t_states[j].half() for j in targets])
-            t_pooled, t_states = (teacher_cache[b][0].float(), [t.float() for t in teacher_cache[b][1]])
+                teacher_cache[b] = (t_pooled.half(), [t_states[j].half() for j in targets],
+                                    [r.half() for r in t_rel])
+            t_pooled, t_states, t_rel = (teacher_cache[b][0].float(), [t.float() for t in teacher_cache[b][1]],
+                                         [r.float() for r in teacher_cache[b][2]])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 _, s_pooled, s_states = s_enc.encode(ids, mask)
-            loss, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_states[1:]],
-                                        t_states, mask, cfg)
+                s_rel = (relations(student.encoder.layer[-1], s_states[-2], mask, cfg.relation_heads)
+                         if use_attention else ())
+            loss = lp = lh = torch.zeros(())
+            if use_feature:
+                loss, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_states[1:]],
+                                            t_states, mask, cfg)
+            if use_attention:
+                la = relation_loss(s_rel, t_rel, mask)
+                loss = loss + cfg.attention_weight * la
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(s_enc.parameters(), 1.0)
@@ -148,6 +160,43 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     tail = sum(history[-20:]) / max(len(history[-20:]), 1)
     log.info("%s: %d steps, loss %.4f -> %.4f", desc, step, head, tail)
     return {"steps": step, "loss_first": head, "loss_last": tail, "bf16": use_bf16}
+
+
+def relations(layer, hidden, mask, heads: int):
+    """MiniLM-v2 self-attention relations of one layer: log-softmax of Q·Kᵀ and
+    V·Vᵀ over `heads` relation heads, from the layer's own projections
+    of its input. Splitting into a fixed number of relation heads lets a student
+    with other head counts (or pruned heads) match the teacher."""
+    import torch
+
+    att = layer.attention.self
+    q, k, v = att.query(hidden), att.key(hidden), att.value(hidden)
+    b, s, width = q.shape
+    if width % heads:
+        from compress.errors import RecipeError
+        raise RecipeError(f"stages.distill.relation_heads {heads} does not divide the attention width {width}; "
+                          "pick a divisor of both the teacher's and the student's")
+    d = width // heads
+
+    def split(x):
+        return x.reshape(b, s, heads, d).transpose(1, 2)
+
+    additive = (1.0 - mask[:, None, None, :].to(q.dtype)) * -10000.0
+    qk = torch.matmul(split(q), split(k).transpose(-1, -2)) / d ** 0.5 + additive
+    vv = torch.matmul(split(v), split(v).transpose(-1, -2)) / d ** 0.5 + additive
+    return torch.log_softmax(qk.float(), -1), torch.log_softmax(vv.float(), -1)
+
+
+def relation_loss(student_rel, teacher_rel, mask):
+    """KL(teacher || student) per query position, averaged over real tokens."""
+    import torch
+
+    keep = mask[:, None, :].float()  # [b, 1, s]: query positions that are tokens
+    total = 0.0
+    for s_log, t_log in zip(student_rel, teacher_rel):
+        kl = (t_log.exp() * (t_log - s_log)).sum(-1)  # [b, heads, s]
+        total = total + (kl * keep).sum() / (keep.sum() * kl.shape[1])
+    return total / len(student_rel)
 
 
 def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:

@@ -50,7 +50,9 @@ class StudentConfig(Frozen):
 
 class DistillConfig(Frozen):
     student: StudentConfig = Field(StudentConfig(), description="How the student is derived from the teacher")
-    losses: list[Literal["feature"]] = Field(["feature"], description="Distillation losses (feature: pooled embedding + hidden states, MSE + cosine)")
+    losses: list[Literal["feature", "attention"]] = Field(["feature"], min_length=1, description="Distillation losses: feature (pooled embedding + hidden states, relative MSE + cosine), attention (MiniLM-v2 self-attention relations of the last layer, KL)")
+    attention_weight: float = Field(1.0, ge=0, description="Weight of the attention-relation loss")
+    relation_heads: int = Field(12, ge=1, description="attention: relation heads Q, K, V are split into (the same for teacher and student, so head counts may differ)")
     epochs: int = Field(4, ge=1, description="Passes over the train inputs")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs)")
     batch_size: int = Field(32, ge=1, description="Inputs per optimizer step")
