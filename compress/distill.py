@@ -142,9 +142,11 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
             if use_feature:
                 loss, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_states[1:]],
                                             t_states, mask, cfg)
+            parts = {"pooled": lp.item(), "hidden": float(lh)}
             if use_attention:
                 la = relation_loss(s_rel, t_rel, mask)
                 loss = loss + cfg.attention_weight * la
+                parts["attention"] = la.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(s_enc.parameters(), 1.0)
@@ -153,7 +155,7 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
             step += 1
             value = loss.item()
             history.append(value)
-            bar.update(1, loss=value, pooled=lp.item(), hidden=float(lh))
+            bar.update(1, loss=value, **parts)
     bar.close()
     student.eval()
     head = sum(history[:20]) / max(len(history[:20]), 1)
