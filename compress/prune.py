@@ -165,6 +165,18 @@ def make_plan(model, heads: float, ffn: float, kind: str) -> dict:
     return plan
 
 
+def compose(first: dict, second: dict) -> dict:
+    """The plan that does `first` and then `second`, in the original model's indices.
+    A student narrowed by distill and pruned again must reload from one plan."""
+    out: dict = {}
+    for part in ("heads", "ffn"):
+        out[part] = dict(first.get(part, {}))
+        for layer, kept in second.get(part, {}).items():
+            base = first.get(part, {}).get(layer)
+            out[part][layer] = [base[i] for i in kept] if base is not None else kept
+    return out
+
+
 def structure(model) -> dict:
     """[kept, of] heads and FFN neurons per layer, for reports."""
     return {"heads": [num_heads(layer) for layer in model.encoder.layer],
@@ -181,9 +193,7 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     layers = src.meta.get("layers") or list(range(student.config.num_hidden_layers))
     tokenizer = load_tokenizer(src.path)
     no_dropout(student)
-    before = count_params(student)
-    heads_before = [num_heads(layer) for layer in student.encoder.layer]
-    ffn_before = [layer.intermediate.dense.out_features for layer in student.encoder.layer]
+    before, shape_before = count_params(student), structure(student)
     if cfg.importance == "taylor":
         importance(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
 
@@ -200,7 +210,8 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
 
     out: Path = ctx.out
     student.save_pretrained(str(out), safe_serialization=True)
-    (out / PLAN_FILE).write_text(json.dumps(plan, indent=2, sort_keys=True))
+    earlier = json.loads((src.path / PLAN_FILE).read_text()) if (src.path / PLAN_FILE).is_file() else {}
+    (out / PLAN_FILE).write_text(json.dumps(compose(earlier, plan), indent=2, sort_keys=True))
     tokenizer_files = copy_tokenizer(src.path, out)
     return seal(out, "torch", {
         **src.meta,
@@ -208,8 +219,8 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
         "params": after,
         "params_before_prune": before,
         "pruning": {"importance": cfg.importance,
-                    "heads": [[len(plan["heads"].get(str(i), range(n))), n] for i, n in enumerate(heads_before)],
-                    "ffn": [[len(plan["ffn"].get(str(i), range(n))), n] for i, n in enumerate(ffn_before)]},
+                    **{part: [list(pair) for pair in zip(kept, shape_before[part])]
+                       for part, kept in structure(student).items()}},
         "recovery": stats,
         "tokenizer_files": tokenizer_files,
     })

@@ -85,3 +85,17 @@ def test_recovery_brings_the_pruned_student_closer_to_the_teacher(student, tmp_p
     f0 = fidelity(TorchEncoder(no_recovery.path, 64).embed(held), t_emb)["cosine"]
     f1 = fidelity(TorchEncoder(recovered.path, 64).embed(held), t_emb)["cosine"]
     assert f1 > f0
+
+
+@pytest.mark.parametrize("heads,ffn,want", [(0.5, 0.0, {"heads": [1, 1], "ffn": [32, 32]}),
+                                            (0.0, 0.5, {"heads": [2, 2], "ffn": [16, 16]})])
+def test_pruning_a_narrowed_student_reloads(tiny_teacher, tmp_path, heads, ffn, want):
+    """distill narrows the FFN first; prune's saved plan must describe both steps."""
+    from compress.prune import structure
+
+    src = teacher_artifact(tiny_teacher)
+    narrowed = distill(src, DistillConfig(student=StudentConfig(ffn=0.5), max_steps=2, batch_size=16, max_length=32),
+                       context(tmp_path / "d", make_texts(60)))
+    art = prune(narrowed, PruneConfig(heads=heads, ffn=ffn, recover_steps=0, batch_size=16, max_length=32),
+                _ctx(tmp_path / "p", src))
+    assert structure(load_hf_encoder(art.path)) == want
