@@ -45,8 +45,6 @@ def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
             unknown += 1
             continue
         work = 2 * int(np.prod(out)) * a[-1]
-        if node.op_type == "QLinearMatMul":
-            work = 2 * int(np.prod(out)) * shapes[node.input[0]][-1]
         int8 = node.op_type in INT8_MATMULS or (
             producer.get(node.input[0]) == "DequantizeLinear" and producer.get(node.input[1]) == "DequantizeLinear")
         flops["int8" if int8 else "float"] += work
