@@ -24,7 +24,7 @@ from compress.recipe import QuantizeConfig
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: meta records the int8 FLOP share
 CALIBRATION_LENGTH = 128  # tokens per packed calibration row
 
 
