@@ -86,7 +86,9 @@ class ExportConfig(Frozen):
 
 class QuantizeConfig(Frozen):
     dtype: Literal["int8"] = Field("int8", description="Weight precision")
-    mode: Literal["dynamic", "static"] = Field("dynamic", description="dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration")
+    mode: Literal["auto", "dynamic", "static"] = Field("auto", description="auto: build every mode in `candidates` and keep the fastest on the target that keeps quality; dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration")
+    candidates: list[Literal["dynamic", "static"]] = Field(["dynamic", "static"], min_length=1, description="auto: the modes tried, each built for the target and timed there")
+    max_fidelity_drop: float = Field(0.01, ge=0, le=1, description="auto: a candidate may lose at most this much fidelity (mean cosine to the teacher) against the best candidate")
     per_channel: bool = Field(True, description="One scale per output channel instead of per tensor (keeps ~0.015 more fidelity on MiniLM at no measurable cost)")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("percentile", description="static: how activation ranges are chosen from calibration data")
     percentile: float = Field(99.99, gt=90, le=100, description="static + percentile: the share of activation values the range covers")

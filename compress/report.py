@@ -45,7 +45,7 @@ def gates(recipe, final_quality: dict) -> dict:
 
 
 def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: dict, stages: list[dict],
-                bench: dict | None, inputs) -> dict:
+                bench: dict | None, inputs, warnings: list[str] | None = None) -> dict:
     final = stages[-1]
     summary = {
         "retention": final["quality"]["retention"],
@@ -53,6 +53,8 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "fidelity": final["quality"]["fidelity"],
         "size_bytes": final["size_bytes"],
         "int8_flop_share": final["meta"].get("quantization", {}).get("flops", {}).get("int8_share"),
+        "graph": final["meta"].get("graph"),
+        "warnings": list(warnings or []),
     }
     if bench:
         summary["latency_p50_ms"] = bench["models"]["student"]["latency_ms"]["p50"]
@@ -180,6 +182,9 @@ def one_line(report: dict, where: Path | str) -> str:
         if ref:
             parts.append(f"{ref['p50']:.2f}x the teacher's ORT int8 p50")
     parts.append("gates " + ("passed" if report["gates"]["passed"] else "FAILED"))
+    warnings = s.get("warnings") or []
+    if warnings:
+        parts.append(f"{len(warnings)} WARNING{'S' if len(warnings) > 1 else ''} (see report.md)")
     return ", ".join(parts)
 
 
@@ -188,8 +193,10 @@ def markdown(report: dict) -> str:
     s = report["summary"]
     lines = [f"# compress build: {report['target']}", "",
              f"Teacher `{report['teacher']['source']}` ({report['teacher']['params'] or '?'} params) -> "
-             f"student ({report['final']['params'] or '?'} params), task {report['task']}.", "",
-             "## Quality per stage", "",
+             f"student ({report['final']['params'] or '?'} params), task {report['task']}.", ""]
+    if s.get("warnings"):
+        lines += ["## WARNINGS", ""] + [f"- **{w}**" for w in s["warnings"]] + [""]
+    lines += ["## Quality per stage", "",
              "Retention = metric(artifact) / metric(teacher), measured on each artifact as its runtime runs it. "
              "Fidelity = mean cosine to the teacher's embeddings on held-out inputs; top-10 = neighbour agreement.", ""]
     names = list(report["teacher"]["metrics"])
@@ -227,8 +234,34 @@ def markdown(report: dict) -> str:
     share = s.get("int8_flop_share")
     if share is not None:
         lines += ["", f"Share of matrix-product FLOPs in int8 (batch 1, sequence 128): {share:.1%}."]
+    for st in report["stages"]:
+        if "decision" in st:
+            lines += ["", "## Quantization mode, chosen by measurement on the target", "", decision_table(st["decision"])]
+    graph = s.get("graph")
+    if graph:
+        fused = ", ".join(f"{k} {v}" for k, v in graph["fused"].items())
+        unfused = ", ".join(f"{k} {v}" for k, v in graph["unfused"].items() if v)
+        lines += ["", "## Target graph", "",
+                  f"After the runtime's optimizations: {graph['int8_kernels']} integer kernels, "
+                  f"{len(graph['float_weight_matmuls'])} weight matrix products in float, "
+                  f"{len(graph['qdq_float_matmuls'])} QDQ matrix products left unfused; fused ops: {fused}"
+                  + (f"; ops a fusion would absorb, still present: {unfused}" if unfused else "") + "."]
     g = report["gates"]
     lines += ["", "## Gates", "",
               f"retention >= {g['retention']}, fidelity >= {g['fidelity']}: " + ("passed" if g["passed"] else "FAILED: " + "; ".join(g["failed"])),
               "", f"Final model sha256 `{report['final']['model_sha256']}`."]
     return "\n".join(lines) + "\n"
+
+
+def decision_table(decision: dict) -> str:
+    cands = decision["candidates"]
+    first = next(iter(cands))
+    rows = ["| mode | p50 ms | p50 ratio to " + first + " | fidelity | retention min | kept quality |",
+            "|---|---|---|---|---|---|"]
+    for mode, c in cands.items():
+        p50, ratio = c["p50_ms"], c["ratio"]
+        rows.append(f"| {mode}{' (chosen)' if mode == decision['chosen'] else ''} | "
+                    f"{'n/a' if p50 is None else f'{p50:.2f}'} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
+                    f"{c['fidelity']:.3f} | {_pct(c['retention_min'])} | "
+                    f"{'yes' if c['eligible'] else 'no: ' + (c['why_not'] or '')} |")
+    return "\n".join(rows) + f"\n\nChosen: {decision['chosen']} ({decision['reason']})."

@@ -17,7 +17,7 @@ def fp32(tiny_teacher, tmp_path_factory):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_dynamic_int8(fp32, tmp_path, per_channel):
-    art = quantize(fp32, QuantizeConfig(per_channel=per_channel), context(tmp_path, make_texts(5)))
+    art = quantize(fp32, QuantizeConfig(mode="dynamic", per_channel=per_channel), context(tmp_path, make_texts(5)))
     model = onnx.load(str(art.model_file))
     onnx.checker.check_model(model, full_check=True)
     ops = Counter(n.op_type for n in model.graph.node)
