@@ -252,3 +252,24 @@ def test_export_causal_lm_matches_torch(lm, tmp_path):
     assert got.shape == (3, 21, len(lm["tokenizer"]))
     real = mask.astype(bool)
     assert np.abs(got[real] - ref[real]).max() < 1e-4
+
+
+def test_config_fields_are_described_and_checked():
+    schema = LmDistillConfig.model_json_schema()
+    for field, prop in schema["properties"].items():
+        assert prop.get("description"), f"LmDistillConfig.{field} has no description"
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        LmDistillConfig(losses=["feature"])
+    with pytest.raises(ValidationError):
+        LmDistillConfig(beta=1.5)
+
+
+def test_hard_labels_add_cross_entropy_to_the_logit_loss(lm):
+    teacher, tok, texts = lm["teacher"], lm["tokenizer"], lm["train"][:32]
+    base = dict(BASE, batch_size=8, losses=["logit"], max_steps=2, lr=1e-9)
+    soft = train(derive_student(teacher, [1]), teacher, texts, tok, LmDistillConfig(**base))
+    both = train(derive_student(teacher, [1]), teacher, texts, tok, LmDistillConfig(**base, hard_label_weight=1.0))
+    # at the first step the students are identical: the difference is the CE, about ln(ppl) of the raw student
+    assert both["history"][0] - soft["history"][0] > 1.0
