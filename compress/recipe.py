@@ -72,7 +72,7 @@ class LmDistillConfig(Frozen):
     layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last)")
     losses: list[Literal["logit", "on_policy"]] = Field(["logit"], min_length=1, description="logit: KL(teacher || student) at every token of the train texts (off-policy); on_policy: GKD, the divergence on continuations the student samples from prompts")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the losses (logit KL is scaled by T^2)")
-    beta: float = Field(0.5, ge=0, le=1, description="on_policy divergence: 0 forward KL, 1 reverse KL, between the generalized JSD(beta)")
+    beta: float = Field(0.9, ge=0, le=1, description="on_policy divergence: 0 forward KL, 1 reverse KL, between the generalized JSD(beta); 0.9 leans to the mode-seeking reverse KL")
     lmbda: float = Field(1.0, ge=0, le=1, description="on_policy: share of batches on student-generated continuations; the rest use the train texts (GKD's lambda)")
     max_new_tokens: int = Field(32, ge=1, description="on_policy: tokens the student samples after each prompt")
     sample_temperature: float = Field(1.0, ge=0, description="on_policy: sampling temperature of the student (0: greedy)")
