@@ -66,6 +66,29 @@ class DistillConfig(Frozen):
     seed: int = Field(0, description="Seed for initialisation order, shuffling and dropout")
 
 
+class LmDistillConfig(Frozen):
+    """Distillation of a causal LM (task causal-lm); compress/lm_distill.py."""
+
+    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last)")
+    losses: list[Literal["logit", "on_policy"]] = Field(["logit"], min_length=1, description="logit: KL(teacher || student) at every token of the train texts (off-policy); on_policy: GKD, the divergence on continuations the student samples from prompts")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the losses (logit KL is scaled by T^2)")
+    beta: float = Field(0.9, ge=0, le=1, description="on_policy divergence: 0 forward KL, 1 reverse KL, between the generalized JSD(beta); 0.9 leans to the mode-seeking reverse KL")
+    lmbda: float = Field(1.0, ge=0, le=1, description="on_policy: share of batches on student-generated continuations; the rest use the train texts (GKD's lambda)")
+    max_new_tokens: int = Field(32, ge=1, description="on_policy: tokens the student samples after each prompt")
+    sample_temperature: float = Field(1.0, ge=0, description="on_policy: sampling temperature of the student (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="on_policy: nucleus sampling mass (1: the whole vocabulary)")
+    prompt_tokens: int = Field(16, ge=1, description="on_policy: prompts are the first this many tokens of train texts (shorter texts are not used as prompts)")
+    hard_label_weight: float = Field(0.0, ge=0, description="Weight of next-token cross entropy on the train texts, added to the logit loss")
+    max_length: int = Field(128, ge=8, description="Train texts are truncated to this many tokens")
+    epochs: int = Field(2, ge=1, description="Passes over the train texts")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(16, ge=1, description="Texts (or prompts) per optimizer step")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup: float = Field(0.06, ge=0, lt=1, description="Share of steps for linear warm-up")
+    seed: int = Field(0, description="Seed for shuffling, the on/off-policy draw and sampling")
+
+
 class PruneConfig(Frozen):
     heads: float = Field(0.25, ge=0, lt=1, description="Share of attention heads removed in every layer (at least one head stays)")
     ffn: float = Field(0.3, ge=0, lt=1, description="Share of FFN neurons removed in every layer")
