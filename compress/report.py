@@ -53,6 +53,7 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "fidelity": final["quality"]["fidelity"],
         "size_bytes": final["size_bytes"],
         "int8_flop_share": final["meta"].get("quantization", {}).get("flops", {}).get("int8_share"),
+        "sparsity": _sparsity_summary(stages),
     }
     if bench:
         summary["latency_p50_ms"] = bench["models"]["student"]["latency_ms"]["p50"]
@@ -75,6 +76,19 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "bench": bench,
         "gates": gates(recipe, final["quality"]),
     }
+
+
+def sparsity_of(stages: list[dict]) -> dict | None:
+    """The prune stage's sparsity meta (zeros measured on its weights), when it made any."""
+    for st in stages:
+        if st["stage"] == "prune" and st["meta"].get("sparsity"):
+            return st["meta"]["sparsity"]
+    return None
+
+
+def _sparsity_summary(stages: list[dict]) -> dict | None:
+    sp = sparsity_of(stages)
+    return None if sp is None else {"pattern": sp["pattern"], "zero_share": sp["zero_share"], "speedup": sp["speedup"]}
 
 
 def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
@@ -227,6 +241,16 @@ def markdown(report: dict) -> str:
     share = s.get("int8_flop_share")
     if share is not None:
         lines += ["", f"Share of matrix-product FLOPs in int8 (batch 1, sequence 128): {share:.1%}."]
+    sp = sparsity_of(report["stages"])
+    if sp is not None:
+        names = list(sp["layers"][0]) if sp["layers"] else []
+        lines += ["", "## Sparsity", "",
+                  f"Pattern {sp['pattern']} on {', '.join(sp['linears'])}: {sp['zero_share']:.1%} of those weights are "
+                  "zero (measured on the prune stage's weights; share of zeros per Linear below).", "",
+                  f"Speedup: {sp['speedup']}.", "",
+                  "| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, row in enumerate(sp["layers"]):
+            lines.append(f"| {i} | " + " | ".join(f"{row[n]:.1%}" for n in names) + " |")
     g = report["gates"]
     lines += ["", "## Gates", "",
               f"retention >= {g['retention']}, fidelity >= {g['fidelity']}: " + ("passed" if g["passed"] else "FAILED: " + "; ".join(g["failed"])),

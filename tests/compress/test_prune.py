@@ -174,9 +174,8 @@ def test_layer_count_removes_the_layer_that_does_nothing(tiny_teacher, tmp_path,
         return real_train(student, teacher, layers, *args, **kwargs)
 
     monkeypatch.setattr(compress.distill, "train", spy)
-    art = prune(src, PruneConfig(layers=1, heads=0, ffn=0, importance_batches=4, recover_steps=2, batch_size=16,
-                                 max_length=32),
-                _ctx(tmp_path / "p", src))
+    cfg = PruneConfig(layers=1, heads=0, ffn=0, importance_batches=4, recover_steps=2, batch_size=16, max_length=32)
+    art = prune(src, cfg, _ctx(tmp_path / "p", src))
     assert art.meta["pruning"]["layers_removed"] == [2] and art.meta["layers"] == [0, 1, 3]
     assert seen == {"layers": [0, 1, 3], "student_layers": 3}
     assert len(load_hf_encoder(art.path).encoder.layer) == 3
@@ -285,3 +284,25 @@ def test_masked_forward_equals_the_dense_model_with_those_weights_zeroed(tiny_te
                 linear.weight.copy_(torch.from_numpy(_zero_by_hand(linear.weight.numpy(), pattern)))
     assert torch.allclose(_embed(pruned), _embed(by_hand), atol=1e-6)
     assert not torch.allclose(_embed(pruned), _embed(dense), atol=1e-3)
+
+
+def test_report_states_sparsity_per_layer_and_where_it_speeds_up(tiny_teacher):
+    from compress import report as rep
+    from compress.prune import sparsify, sparsity_stats
+
+    model = load_hf_encoder(tiny_teacher)
+    cfg = SparsityConfig(pattern="2:4")
+    sparsify(model, cfg)
+    quality = {"metrics": {"pairs": 0.5}, "retention": {"pairs": 0.9}, "fidelity": {"cosine": 0.9, "top10_agreement": 0.5}}
+    stages = [{"stage": "prune", "kind": "torch", "cached": False, "meta": {"sparsity": sparsity_stats(model, cfg)},
+               "quality": quality}]
+    report = {"target": "cpu", "task": "embedding", "bench": None, "stages": stages,
+              "teacher": {"source": "hf:t", "params": 1, "kind": "torch", "metrics": {"pairs": 0.55}},
+              "final": {"params": 1, "model_sha256": "0"},
+              "summary": {"int8_flop_share": None, "sparsity": rep._sparsity_summary(stages)},
+              "gates": {"retention": None, "fidelity": None, "passed": True, "failed": []}}
+    assert report["summary"]["sparsity"]["zero_share"] == 0.5
+    md = rep.markdown(report)
+    assert "## Sparsity" in md and "Pattern 2:4" in md
+    assert "TensorRT on Ampere/Orin" in md and "ONNX Runtime on CPU" in md and "no speedup" in md
+    assert "| 3 | " + " | ".join(["50.0%"] * 6) + " |" in md  # the last of the 4 layers, all six Linears
