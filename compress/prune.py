@@ -148,21 +148,28 @@ def load_pruned(path: Path):
     return model.eval()
 
 
+def sample_batches(texts, tokenizer, cfg: PruneConfig) -> list[tuple]:
+    """cfg.importance_batches padded (ids, mask) batches, spread over the length-sorted inputs."""
+    from compress.distill import _batches, _pad
+
+    encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+    batches = _batches([len(e) for e in encoded], cfg.batch_size)
+    step = max(1, len(batches) // cfg.importance_batches)
+    return [_pad([encoded[i] for i in b], tokenizer.pad_token_id or 0)
+            for b in batches[::step][:cfg.importance_batches]]
+
+
 def importance(student, teacher, layers, texts, tokenizer, cfg: PruneConfig):
     """Accumulate gradients of the distillation loss over a few batches (Taylor)."""
     import torch
 
-    from compress.distill import _batches, _pad, feature_loss
+    from compress.distill import feature_loss
     from compress.models import make_sentence_encoder
 
     s_enc, t_enc = make_sentence_encoder(student), make_sentence_encoder(teacher).eval()
     student.zero_grad(set_to_none=True)
-    encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
-    batches = _batches([len(e) for e in encoded], cfg.batch_size)
-    step = max(1, len(batches) // cfg.importance_batches)
     kd = DistillConfig()
-    for b in batches[::step][:cfg.importance_batches]:
-        ids, mask = _pad([encoded[i] for i in b], tokenizer.pad_token_id or 0)
+    for ids, mask in sample_batches(texts, tokenizer, cfg):
         with torch.inference_mode():
             _, t_pooled, t_states = t_enc.encode(ids, mask)
         _, s_pooled, s_states = s_enc.encode(ids, mask)
@@ -195,16 +202,12 @@ def skip_loss(student, teacher, layers, texts, tokenizer, cfg: PruneConfig) -> C
     """
     import torch
 
-    from compress.distill import _batches, _pad, feature_loss
+    from compress.distill import feature_loss
     from compress.models import make_sentence_encoder
 
     s_enc, t_enc = make_sentence_encoder(student).eval(), make_sentence_encoder(teacher).eval()
-    encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
-    batches = _batches([len(e) for e in encoded], cfg.batch_size)
-    step = max(1, len(batches) // cfg.importance_batches)
     cached = []
-    for b in batches[::step][:cfg.importance_batches]:
-        ids, mask = _pad([encoded[i] for i in b], tokenizer.pad_token_id or 0)
+    for ids, mask in sample_batches(texts, tokenizer, cfg):
         with torch.inference_mode():
             _, t_pooled, t_states = t_enc.encode(ids, mask)
         cached.append((ids, mask, t_pooled, t_states))
@@ -311,6 +314,10 @@ def sparsify(model, cfg: SparsityConfig) -> list[tuple]:
             for name in LINEARS[kind]:
                 weight = linears[name].weight
                 masked.append((weight, make(weight, cfg.amount)))
+    odd = sorted({w.shape[1] for w, _ in masked if w.shape[1] % 4})
+    if cfg.pattern == "2:4" and odd:
+        log.warning("prune: input widths %s are not multiples of 4; their last 2:4 group is zero-padded, and sparse "
+                    "kernels may skip such GEMMs (keep FFN and head counts multiples of 4 to avoid it)", odd)
     reapply(masked)
     return masked
 

@@ -244,7 +244,7 @@ def test_two_four_holds_after_recovery_and_in_the_onnx(student, tmp_path):
 
 def test_unstructured_reaches_the_share_on_the_selected_linears(student, tmp_path):
     teacher, src = student
-    cfg = PruneConfig(heads=0, ffn=0, recover_steps=5, lr=1e-3, batch_size=16, max_length=32,
+    cfg = PruneConfig(heads=0, ffn=0, recover_steps=2, lr=1e-3, batch_size=16, max_length=32,
                       sparsity=SparsityConfig(pattern="unstructured", amount=0.3, linears=["ffn_in", "ffn_out"]))
     art = prune(src, cfg, _ctx(tmp_path / "p", teacher))
     for layer in load_hf_encoder(art.path).encoder.layer:
