@@ -317,7 +317,7 @@ def sparsify(model, cfg: SparsityConfig) -> list[tuple]:
     odd = sorted({w.shape[1] for w, _ in masked if w.shape[1] % 4})
     if cfg.pattern == "2:4" and odd:
         log.warning("prune: input widths %s are not multiples of 4; their last 2:4 group is zero-padded, and sparse "
-                    "kernels may skip such GEMMs (keep FFN and head counts multiples of 4 to avoid it)", odd)
+                    "kernels may skip such GEMMs (keep FFN widths multiples of 4 to avoid it)", odd)
     reapply(masked)
     return masked
 
