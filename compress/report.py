@@ -243,7 +243,9 @@ def markdown(report: dict) -> str:
         lines += ["", f"Share of matrix-product FLOPs in int8 (batch 1, sequence 128): {share:.1%}."]
     sp = sparsity_of(report["stages"])
     if sp is not None:
-        names = list(sp["layers"][0]) if sp["layers"] else []
+        # meta.json is written with sorted keys; show the Linears in the order they run
+        order = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
+        names = [n for n in order if sp["layers"] and n in sp["layers"][0]]
         lines += ["", "## Sparsity", "",
                   f"Pattern {sp['pattern']} on {', '.join(sp['linears'])}: {sp['zero_share']:.1%} of those weights are "
                   "zero (measured on the prune stage's weights; share of zeros per Linear below).", "",

@@ -305,4 +305,5 @@ def test_report_states_sparsity_per_layer_and_where_it_speeds_up(tiny_teacher):
     md = rep.markdown(report)
     assert "## Sparsity" in md and "Pattern 2:4" in md
     assert "TensorRT on Ampere/Orin" in md and "ONNX Runtime on CPU" in md and "no speedup" in md
+    assert "| layer | query | key | value | attention_output | ffn_in | ffn_out |" in md
     assert "| 3 | " + " | ".join(["50.0%"] * 6) + " |" in md  # the last of the 4 layers, all six Linears
