@@ -12,6 +12,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Callable
 
 from compress.artifact import Artifact, copy_tokenizer, seal
 from compress.recipe import DistillConfig, PruneConfig
@@ -81,11 +82,12 @@ def no_dropout(model) -> None:
 
 
 def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg: DistillConfig,
-          progress, desc: str = "distill") -> dict:
+          progress, desc: str = "distill", after_step: Callable[[], None] | None = None) -> dict:
     """Feature distillation of `student` (in place) towards `teacher`.
 
     Student layer i learns the hidden state after teacher layer layers[i]
     (states[0] is the embeddings). Shared by distill and prune's recovery.
+    `after_step` runs after every optimizer step (prune re-applies its sparsity masks there).
     """
     import torch
 
@@ -151,6 +153,8 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(s_enc.parameters(), 1.0)
             opt.step()
+            if after_step is not None:
+                after_step()
             sched.step()
             step += 1
             value = loss.item()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from compress.errors import RecipeError
 
@@ -87,6 +87,18 @@ class LmDistillConfig(Frozen):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     warmup: float = Field(0.06, ge=0, lt=1, description="Share of steps for linear warm-up")
     seed: int = Field(0, description="Seed for shuffling, the on/off-policy draw and sampling")
+class SparsityConfig(Frozen):
+    pattern: Literal["none", "unstructured", "2:4"] = Field("none", description="Zeros in the encoder's Linear weights after structured pruning: none; unstructured (smallest |w| per Linear); 2:4 (at most 2 nonzero in every 4 consecutive inputs, for sparse tensor cores); quote it in YAML: '2:4'")
+    amount: float = Field(0.5, ge=0, lt=1, description="unstructured: share of each selected Linear's weights set to zero")
+    linears: list[Literal["attention", "attention_output", "ffn_in", "ffn_out"]] = Field(
+        ["attention", "attention_output", "ffn_in", "ffn_out"], min_length=1,
+        description="Which Linears are sparsified: attention (Q, K, V projections), attention_output, ffn_in, ffn_out")
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def sexagesimal(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads an unquoted 2:4 as the base-60 integer 124.
+        return "2:4" if value == 124 else value
 
 
 class PruneConfig(Frozen):
@@ -99,6 +111,17 @@ class PruneConfig(Frozen):
     max_length: int = Field(128, ge=8, description="Inputs are truncated to this many tokens")
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate of the recovery")
     seed: int = Field(0, description="Seed of the recovery")
+    layers: StrictInt | list[StrictInt] | None = Field(None, description="Whole student layers removed first: a count (those whose skipping raises the distillation loss least) or a list of student layer indices; default none")
+    sparsity: SparsityConfig = Field(SparsityConfig(), description="Zeroed weights in the Linears, kept through recovery and exported as zeros; needs sparse kernels on the target to run faster")
+
+    @field_validator("layers")
+    @classmethod
+    def layers_valid(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be a count >= 0 or a list of student layer indices")
+        if isinstance(value, list) and (any(i < 0 for i in value) or len(set(value)) != len(value)):
+            raise ValueError("must list distinct student layer indices >= 0")
+        return value
 
 
 class ExportConfig(Frozen):

@@ -55,6 +55,7 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "int8_flop_share": final["meta"].get("quantization", {}).get("flops", {}).get("int8_share"),
         "graph": final["meta"].get("graph"),
         "warnings": list(warnings or []),
+        "sparsity": _sparsity_summary(stages),
     }
     if bench:
         summary["latency_p50_ms"] = bench["models"]["student"]["latency_ms"]["p50"]
@@ -77,6 +78,19 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "bench": bench,
         "gates": gates(recipe, final["quality"]),
     }
+
+
+def sparsity_of(stages: list[dict]) -> dict | None:
+    """The prune stage's sparsity meta (zeros measured on its weights), when it made any."""
+    for st in stages:
+        if st["stage"] == "prune" and st["meta"].get("sparsity"):
+            return st["meta"]["sparsity"]
+    return None
+
+
+def _sparsity_summary(stages: list[dict]) -> dict | None:
+    sp = sparsity_of(stages)
+    return None if sp is None else {"pattern": sp["pattern"], "zero_share": sp["zero_share"], "speedup": sp["speedup"]}
 
 
 def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
@@ -246,6 +260,18 @@ def markdown(report: dict) -> str:
                   f"{len(graph['float_weight_matmuls'])} weight matrix products in float, "
                   f"{len(graph['qdq_float_matmuls'])} QDQ matrix products left unfused; fused ops: {fused}"
                   + (f"; ops a fusion would absorb, still present: {unfused}" if unfused else "") + "."]
+    sp = sparsity_of(report["stages"])
+    if sp is not None:
+        # meta.json is written with sorted keys; show the Linears in the order they run
+        order = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
+        names = [n for n in order if sp["layers"] and n in sp["layers"][0]]
+        lines += ["", "## Sparsity", "",
+                  f"Pattern {sp['pattern']} on {', '.join(sp['linears'])}: {sp['zero_share']:.1%} of those weights are "
+                  "zero (measured on the prune stage's weights; share of zeros per Linear below).", "",
+                  f"Speedup: {sp['speedup']}.", "",
+                  "| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, row in enumerate(sp["layers"]):
+            lines.append(f"| {i} | " + " | ".join(f"{row[n]:.1%}" for n in names) + " |")
     g = report["gates"]
     lines += ["", "## Gates", "",
               f"retention >= {g['retention']}, fidelity >= {g['fidelity']}: " + ("passed" if g["passed"] else "FAILED: " + "; ".join(g["failed"])),
