@@ -79,6 +79,7 @@ class StageContext:
     progress: Callable[..., Progress]
     teacher: Artifact | None = None
     calibration_texts: list[str] = field(default_factory=list)
+    cache_root: Path | None = None  # where stages keep reusable intermediates (teacher outputs); None: don't
 
 
 @dataclass
@@ -197,7 +198,8 @@ class Builder:
             ctx = StageContext(out=out, train_texts=self.inputs.train,
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
-                               teacher=self.teacher, calibration_texts=self.inputs.calibration)
+                               teacher=self.teacher, calibration_texts=self.inputs.calibration,
+                               cache_root=self.cache.root)
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
