@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 EVAL_VERSION = 1
 CALIBRATION_SAMPLES = 256
 BENCH_VERSION = 1
+FLOPS_VERSION = 1
 REFERENCE = "teacher-ort-int8"
 
 
@@ -319,6 +320,29 @@ class Builder:
             self.opts.echo("bench: cached (same models, conditions and machine)")
         return result
 
+    # -- compute -----------------------------------------------------------------
+    def compute_stats(self, final: Artifact) -> dict:
+        """Matrix-product FLOPs of one forward at the bench point, of the teacher
+        and the student, both counted on their ONNX graphs (compress/graphstats.py)
+        so the two figures are comparable; the student's graph is the last stage's,
+        before the target's runtime fuses MatMuls into ops the count does not know."""
+        from compress.export import VERSION as export_version, export
+        from compress.graphstats import matmul_flops
+
+        b = self.recipe.bench
+        student = next((r.artifact for r in reversed(self.records) if r.artifact.kind == "onnx"), final)
+        teacher = self.teacher
+        if teacher.kind == "torch":  # the same cached export the bench reference uses
+            teacher = self.run_stage("export", export, export_version, teacher, ExportConfig(),
+                                     label="reference: teacher export").artifact
+
+        def flops(art: Artifact) -> int:
+            key = make_key(art.digest, "flops", b.batch, b.seq_len, FLOPS_VERSION)
+            counted, _ = self.cache.json(key, lambda: matmul_flops(art.model_file, b.batch, b.seq_len))
+            return counted["int8"] + counted["float"]
+
+        return {"batch": b.batch, "seq_len": b.seq_len, "teacher_flops": flops(teacher), "student_flops": flops(student)}
+
     # -- per target -------------------------------------------------------------
     def finish_target(self, tname: str, tcfg: Any, record: StageRecord) -> dict:
         from compress import report as rep
@@ -332,7 +356,7 @@ class Builder:
             stages.append(summary)
         bench_result = self.benchmark(final) if self.opts.bench else None
         report = rep.make_report(self.recipe, tname, tcfg, self.teacher, self.teacher_eval[0], stages,
-                                 bench_result, self.inputs)
+                                 bench_result, self.inputs, compute=self.compute_stats(final))
         rep.write_build(self.opts.out_root, tname, final, report, rep.provenance(self.recipe, self.teacher, self.inputs, final))
         self.opts.echo(rep.one_line(report, self.opts.out_root / tname))
         return report
