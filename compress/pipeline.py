@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 EVAL_VERSION = 1
 CALIBRATION_SAMPLES = 256
 BENCH_VERSION = 2  # 2: the student's fp32 model is measured beside it
+FLOPS_VERSION = 1
 REFERENCE = "teacher-ort-int8"
 STUDENT_FP32 = "student-fp32"
 # quantize mode auto: a short in-run timing of the candidates on their target.
@@ -83,6 +84,7 @@ class StageContext:
     progress: Callable[..., Progress]
     teacher: Artifact | None = None
     calibration_texts: list[str] = field(default_factory=list)
+    cache_root: Path | None = None  # where stages keep reusable intermediates (teacher outputs); None: don't
 
 
 @dataclass
@@ -205,7 +207,8 @@ class Builder:
             ctx = StageContext(out=out, train_texts=self.inputs.train,
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
-                               teacher=self.teacher, calibration_texts=self.inputs.calibration)
+                               teacher=self.teacher, calibration_texts=self.inputs.calibration,
+                               cache_root=self.cache.root)
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
@@ -394,6 +397,29 @@ class Builder:
             self.opts.echo("bench: cached (same models, conditions and machine)")
         return result
 
+    # -- compute -----------------------------------------------------------------
+    def compute_stats(self, final: Artifact) -> dict:
+        """Matrix-product FLOPs of one forward at the bench point, of the teacher
+        and the student, both counted on their ONNX graphs (compress/graphstats.py)
+        so the two figures are comparable; the student's graph is the last stage's,
+        before the target's runtime fuses MatMuls into ops the count does not know."""
+        from compress.export import VERSION as export_version, export
+        from compress.graphstats import matmul_flops
+
+        b = self.recipe.bench
+        student = next((r.artifact for r in reversed(self.records) if r.artifact.kind == "onnx"), final)
+        teacher = self.teacher
+        if teacher.kind == "torch":  # the same cached export the bench reference uses
+            teacher = self.run_stage("export", export, export_version, teacher, ExportConfig(),
+                                     label="reference: teacher export").artifact
+
+        def flops(art: Artifact) -> int:
+            key = make_key(art.digest, "flops", b.batch, b.seq_len, FLOPS_VERSION)
+            counted, _ = self.cache.json(key, lambda: matmul_flops(art.model_file, b.batch, b.seq_len))
+            return counted["int8"] + counted["float"]
+
+        return {"batch": b.batch, "seq_len": b.seq_len, "teacher_flops": flops(teacher), "student_flops": flops(student)}
+
     # -- per target -------------------------------------------------------------
     def finish_target(self, tname: str, tcfg: Any, record: StageRecord, records: list[StageRecord], mod: Any) -> dict:
         from compress import report as rep
@@ -424,7 +450,7 @@ class Builder:
         for w in warnings:
             self.opts.echo(f"WARNING {tname}: {w}")
         report = rep.make_report(self.recipe, tname, tcfg, self.teacher, self.teacher_eval[0], stages,
-                                 bench_result, self.inputs, warnings)
+                                 bench_result, self.inputs, warnings, compute=self.compute_stats(final))
         rep.write_build(self.opts.out_root, tname, final, report, rep.provenance(self.recipe, self.teacher, self.inputs, final))
         self.opts.echo(rep.one_line(report, self.opts.out_root / tname))
         return report

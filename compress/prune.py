@@ -405,9 +405,13 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     from compress.distill import no_dropout, train
     from compress.encoders import load_tokenizer
     from compress.models import count_params, load_hf_encoder
+    from compress.teacher_cache import TeacherSource
 
     student = load_hf_encoder(src.path)
-    teacher = load_hf_encoder(ctx.teacher.path)
+    # Taylor importance and ranking layers by their skip loss run the teacher; recovery
+    # reads its outputs from the teacher-output cache and loads the model only if they are not there.
+    ranks_layers = isinstance(cfg.layers, int) and cfg.layers > 0
+    teacher = load_hf_encoder(ctx.teacher.path) if cfg.importance == "taylor" or ranks_layers else None
     layers = src.meta.get("layers") or list(range(student.config.num_hidden_layers))
     tokenizer = load_tokenizer(src.path)
     no_dropout(student)
@@ -435,8 +439,10 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     if cfg.recover_steps:
         recover = DistillConfig(max_steps=cfg.recover_steps, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                 lr=cfg.lr, seed=cfg.seed)
+        source = TeacherSource(ctx.cache_root, ctx.teacher.digest,
+                               lambda: load_hf_encoder(ctx.teacher.path))
         stats = train(student, teacher, layers, ctx.train_texts, tokenizer, recover, ctx.progress, desc="prune: recover",
-                      after_step=(lambda: reapply(masked)) if masked else None)
+                      source=source, after_step=(lambda: reapply(masked)) if masked else None)
 
     out: Path = ctx.out
     student.save_pretrained(str(out), safe_serialization=True)

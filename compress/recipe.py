@@ -63,6 +63,7 @@ class DistillConfig(Frozen):
     pooled_weight: float = Field(1.0, ge=0, description="Weight of the pooled-embedding loss")
     hidden_weight: float = Field(1.0, ge=0, description="Weight of the per-layer hidden-state loss")
     bf16: bool = Field(True, description="Train under bf16 autocast when the CPU supports it (about 3x faster here)")
+    teacher_topk: int = Field(64, ge=1, description="Language-model teachers (planned task causal-lm): logits kept per position in the teacher-output cache, as fp16 values + int32 token ids")
     seed: int = Field(0, description="Seed for initialisation order, shuffling and dropout")
 
 

@@ -44,9 +44,28 @@ def gates(recipe, final_quality: dict) -> dict:
     return {"retention": g.retention, "fidelity": g.fidelity, "failed": failed, "passed": not failed}
 
 
+def compute_summary(teacher_params: int | None, student_params: int | None, counted: dict | None) -> dict | None:
+    """Parameters and FLOPs (matrix products of one forward at the bench point) of
+    teacher and student, and student / teacher for each."""
+    if not counted:
+        return None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    return {"at": {"batch": counted["batch"], "seq_len": counted["seq_len"]},
+            "counted": "matrix products (MatMul family) in the ONNX graph",
+            "teacher": {"params": teacher_params, "flops": counted["teacher_flops"]},
+            "student": {"params": student_params, "flops": counted["student_flops"]},
+            "params_ratio": ratio(student_params, teacher_params),
+            "flops_ratio": ratio(counted["student_flops"], counted["teacher_flops"])}
+
+
 def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: dict, stages: list[dict],
-                bench: dict | None, inputs, warnings: list[str] | None = None) -> dict:
+                bench: dict | None, inputs, warnings: list[str] | None = None, compute: dict | None = None) -> dict:
     final = stages[-1]
+    teacher_params, student_params = final["meta"].get("teacher_params"), final["meta"].get("params")
+    compute = compute_summary(teacher_params, student_params, compute)
     summary = {
         "retention": final["quality"]["retention"],
         "retention_min": min(final["quality"]["retention"].values()) if final["quality"]["retention"] else None,
@@ -56,6 +75,7 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "graph": final["meta"].get("graph"),
         "warnings": list(warnings or []),
         "sparsity": _sparsity_summary(stages),
+        "compute": compute,
     }
     if bench:
         summary["latency_p50_ms"] = bench["models"]["student"]["latency_ms"]["p50"]
@@ -69,11 +89,13 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "versions": _versions(),
         "recipe": recipe.model_dump(mode="json", exclude_none=True),
         "teacher": {"source": recipe.teacher.source, "digest": teacher.digest, "kind": teacher.kind,
-                    "metrics": teacher_metrics, "params": final["meta"].get("teacher_params")},
+                    "metrics": teacher_metrics, "params": teacher_params,
+                    "flops": compute["teacher"]["flops"] if compute else None},
         "data": {"train_inputs": len(inputs.train), "heldout_inputs": len(inputs.heldout),
                  "digests": inputs.digests},
         "stages": stages,
-        "final": {"digest": final["digest"], "model_sha256": None, "params": final["meta"].get("params")},
+        "final": {"digest": final["digest"], "model_sha256": None, "params": student_params,
+                  "flops": compute["student"]["flops"] if compute else None},
         "summary": summary,
         "bench": bench,
         "gates": gates(recipe, final["quality"]),
@@ -185,6 +207,26 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _count(n: int | None, unit: str = "") -> str:
+    if n is None:
+        return "?"
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{' ' if unit else ''}{prefix}{unit}"
+    return f"{n}{' ' if unit else ''}{unit}"
+
+
+def compute_line(compute: dict | None) -> str | None:
+    """e.g. 'student 16.1M params, 1.1 GFLOP vs teacher 22.7M params, 2.9 GFLOP (0.38x FLOPs, 0.71x params)'."""
+    if not compute:
+        return None
+    s, t = compute["student"], compute["teacher"]
+    ratios = [f"{compute['flops_ratio']:.2f}x FLOPs" if compute["flops_ratio"] is not None else None,
+              f"{compute['params_ratio']:.2f}x params" if compute["params_ratio"] is not None else None]
+    return (f"student {_count(s['params'])} params, {_count(s['flops'], 'FLOP')} vs teacher {_count(t['params'])} params, "
+            f"{_count(t['flops'], 'FLOP')} ({', '.join(r for r in ratios if r)})")
+
+
 def one_line(report: dict, where: Path | str) -> str:
     s = report["summary"]
     parts = [f"{where}: retention min {_pct(s['retention_min'])}",
@@ -202,12 +244,33 @@ def one_line(report: dict, where: Path | str) -> str:
     return ", ".join(parts)
 
 
+def _compute_md(compute: dict | None) -> list[str]:
+    if not compute:
+        return []
+    at = compute["at"]
+    return [f"Compute: {compute_line(compute)}; FLOPs of one forward at batch {at['batch']}, sequence {at['seq_len']}, "
+            f"counted as {compute['counted']}.", ""]
+
+
+def _teacher_passes(stages: list[dict]) -> list[str]:
+    """How many teacher forward batches each distilling stage ran (0: its outputs came from the cache)."""
+    parts = []
+    for st in stages:
+        stats = st["meta"] if "teacher_forwards" in st["meta"] else st["meta"].get("recovery") or {}
+        if "teacher_forwards" in stats and st["stage"] in ("distill", "prune"):
+            cached = (stats.get("teacher_outputs") or {}).get("cached")
+            parts.append(f"{st['stage']} {stats['teacher_forwards']}" + (" (outputs cached)" if cached else ""))
+    return [f"Teacher forward batches: {', '.join(parts)}.", ""] if parts else []
+
+
 def markdown(report: dict) -> str:
     """report.md: the same facts as report.json, for people."""
     s = report["summary"]
     lines = [f"# compress build: {report['target']}", "",
              f"Teacher `{report['teacher']['source']}` ({report['teacher']['params'] or '?'} params) -> "
-             f"student ({report['final']['params'] or '?'} params), task {report['task']}.", ""]
+             f"student ({report['final']['params'] or '?'} params), task {report['task']}.", "",
+             *_compute_md(s.get("compute")),
+             *_teacher_passes(report["stages"])]
     if s.get("warnings"):
         lines += ["## WARNINGS", ""] + [f"- **{w}**" for w in s["warnings"]] + [""]
     lines += ["## Quality per stage", "",
