@@ -242,13 +242,12 @@ class Builder:
         reports, target_records = [], []
         for tname, (mod, tcfg) in modules.items():
             stages = list(self.records)
-            final_src = src
-            if auto is not None:
-                chosen = self.choose_quantization(auto, src, tname, mod, tcfg)
+            if auto is not None:  # the chosen candidate's target build is the build
+                chosen, record = self.choose_quantization(auto, src, tname, mod, tcfg)
                 stages.append(chosen)
                 target_records.append(chosen)
-                final_src = chosen.artifact
-            record = self.run_stage("target", mod.build, mod.VERSION, final_src, tcfg, label=f"target {tname}")
+            else:
+                record = self.run_stage("target", mod.build, mod.VERSION, src, tcfg, label=f"target {tname}")
             target_records.append(record)
             reports.append(self.finish_target(tname, tcfg, record, stages, mod))
         if all(r.cached for r in [*self.records, *target_records]):
@@ -269,7 +268,8 @@ class Builder:
             return {"calibration": self.inputs.digests["calibration"]}
         return None
 
-    def choose_quantization(self, cfg: QuantizeConfig, src: Artifact, tname: str, mod: Any, tcfg: Any) -> StageRecord:
+    def choose_quantization(self, cfg: QuantizeConfig, src: Artifact, tname: str, mod: Any,
+                            tcfg: Any) -> tuple[StageRecord, StageRecord]:
         """quantize mode auto: quantize in every candidate mode, build each for the
         target, time them there (interleaved blocks, one session alive at a time)
         and keep the fastest whose quality holds: it passes the recipe's gates and
@@ -280,13 +280,14 @@ class Builder:
         fn, version = stage_function("quantize")
         self.teacher_eval = self.evaluate(self.teacher, "teacher")
         modes = list(dict.fromkeys(cfg.candidates))
-        records, builds = {}, {}
+        records, targets, builds = {}, {}, {}
         for mode in modes:
             mcfg = cfg.model_copy(update={"mode": mode})
             records[mode] = self.run_stage("quantize", fn, version, src, mcfg, self.stage_extra("quantize", mcfg),
                                            label=f"quantize ({mode} candidate)")
-            builds[mode] = self.run_stage("target", mod.build, mod.VERSION, records[mode].artifact, tcfg,
-                                          label=f"target {tname} ({mode} candidate)").artifact
+            targets[mode] = self.run_stage("target", mod.build, mod.VERSION, records[mode].artifact, tcfg,
+                                           label=f"target {tname} ({mode} candidate)")
+            builds[mode] = targets[mode].artifact
         quality = {m: self.quality(a, f"{tname} {m} candidate") for m, a in builds.items()}
         b = self.recipe.bench
         cond = bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=tcfg.threads, warmup=b.warmup,
@@ -312,9 +313,10 @@ class Builder:
                     "conditions": timing["conditions"] if timing else None}
         timed = "; " + ", ".join(f"{m} p50 {table[m]['p50_ms']:.2f} ms" for m in modes) if timing else ""
         self.opts.echo(f"quantize: chose {chosen} for {tname} ({reason}{timed})")
-        rec = records[chosen]
-        return StageRecord("quantize", rec.key, rec.artifact,
-                           all(r.cached for r in records.values()), sum(r.seconds for r in records.values()), decision)
+        rec, target = records[chosen], targets[chosen]
+        return (StageRecord("quantize", rec.key, rec.artifact, all(r.cached for r in records.values()),
+                            sum(r.seconds for r in records.values()), decision),
+                StageRecord(f"target {tname}", target.key, target.artifact, target.cached, target.seconds))
 
     # -- eval ---------------------------------------------------------------
     def evaluate(self, art: Artifact, label: str) -> tuple[dict, Any]:
@@ -398,7 +400,7 @@ class Builder:
         return result
 
     # -- compute -----------------------------------------------------------------
-    def compute_stats(self, final: Artifact) -> dict:
+    def compute_stats(self, final: Artifact, records: list[StageRecord]) -> dict | None:
         """Matrix-product FLOPs of one forward at the bench point, of the teacher
         and the student, both counted on their ONNX graphs (compress/graphstats.py)
         so the two figures are comparable; the student's graph is the last stage's,
@@ -407,7 +409,7 @@ class Builder:
         from compress.graphstats import matmul_flops
 
         b = self.recipe.bench
-        student = next((r.artifact for r in reversed(self.records) if r.artifact.kind == "onnx"), final)
+        student = next((r.artifact for r in reversed(records) if r.artifact.kind == "onnx"), None)
         teacher = self.teacher
         if teacher.kind == "torch":  # the same cached export the bench reference uses
             teacher = self.run_stage("export", export, export_version, teacher, ExportConfig(),
@@ -418,7 +420,12 @@ class Builder:
             counted, _ = self.cache.json(key, lambda: matmul_flops(art.model_file, b.batch, b.seq_len))
             return counted["int8"] + counted["float"]
 
-        return {"batch": b.batch, "seq_len": b.seq_len, "teacher_flops": flops(teacher), "student_flops": flops(student)}
+        try:
+            counted = {"teacher_flops": flops(teacher), "student_flops": flops(student or teacher)}
+        except Exception as exc:  # symbolic shape inference gives up on some graphs: report no count, build on
+            log.warning("compute: FLOPs not counted (%s: %s)", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
+        return {"batch": b.batch, "seq_len": b.seq_len, **counted}
 
     # -- per target -------------------------------------------------------------
     def finish_target(self, tname: str, tcfg: Any, record: StageRecord, records: list[StageRecord], mod: Any) -> dict:
@@ -450,7 +457,7 @@ class Builder:
         for w in warnings:
             self.opts.echo(f"WARNING {tname}: {w}")
         report = rep.make_report(self.recipe, tname, tcfg, self.teacher, self.teacher_eval[0], stages,
-                                 bench_result, self.inputs, warnings, compute=self.compute_stats(final))
+                                 bench_result, self.inputs, warnings, compute=self.compute_stats(final, records))
         rep.write_build(self.opts.out_root, tname, final, report, rep.provenance(self.recipe, self.teacher, self.inputs, final))
         self.opts.echo(rep.one_line(report, self.opts.out_root / tname))
         return report
