@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def artifacts(teacher: Path, work: Path, ops: list[str]) -> dict:
-    from compress.artifact import digest_files
-    from compress.artifact import Artifact
+    from compress.artifact import Artifact, digest_files
     from compress.export import export
     from compress.fuse import fuse
     from compress.pipeline import Progress, StageContext

@@ -154,7 +154,7 @@ def _scalar(value: np.ndarray | None) -> float | None:
     return float(value.reshape(()))
 
 
-def _split_other(index: GraphIndex, node: onnx.NodeProto, known: str) -> str:
+def _split_other(node: onnx.NodeProto, known: str) -> str:
     """The input of a binary node that is not `known`."""
     return node.input[1] if node.input[0] == known else node.input[0]
 
@@ -203,7 +203,7 @@ def _projection(index: GraphIndex, head_input: str, perm: list[int], which: str)
     matmul = next((index.producer.get(n) for n in add.input if _is(index.producer.get(n), "MatMul")), None)
     if matmul is None:
         return NoMatch(where, f"expected the {which} projection MatMul before its bias Add")
-    bias = index.const(_split_other(index, add, matmul.output[0]))
+    bias = index.const(_split_other(add, matmul.output[0]))
     weight = index.const(matmul.input[1])
     if weight is None or weight.ndim != 2:
         return NoMatch(where, f"the {which} projection weight is not a constant 2-D matrix")
@@ -231,7 +231,7 @@ def _mask(index: GraphIndex, name: str) -> tuple[str, float] | NoMatch:
     sub = next((index.producer.get(n) for n in mul.input if _is(index.producer.get(n), "Sub")), None)
     if sub is None:
         return NoMatch(where, "the additive mask is not (1 - mask) * value")
-    value = _scalar(index.const(_split_other(index, mul, sub.output[0])))
+    value = _scalar(index.const(_split_other(mul, sub.output[0])))
     one = _scalar(index.const(sub.input[0]))
     if value is None or one != 1.0:
         return NoMatch(where, f"expected (1 - mask) * constant, got ({one} - mask) * {value}")
@@ -267,7 +267,7 @@ def pattern(index: GraphIndex, softmax: onnx.NodeProto) -> AttentionMatch | NoMa
                    if _is(index.producer.get(n), "Mul") or _is(index.producer.get(n), "Div")), None)
     if scaled is None:
         return NoMatch(where, "no Mul/Div scaling of the scores before the mask Add")
-    mask_name = _split_other(index, add, scaled.output[0])
+    mask_name = _split_other(add, scaled.output[0])
     scores = index.producer.get(scaled.input[0])
     factor = _scalar(index.const(scaled.input[1]))
     if not _is(scores, "MatMul") or factor is None:
