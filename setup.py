@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # targets/ and kernels/ are top-level folders in the repo but install under
     # compress.*, so they never claim generic global import names.
-    packages=["compress", "compress.targets", "compress.kernels"],
+    packages=["compress", "compress.targets", "compress.kernels", "compress.kernels.attention"],
     package_dir={"compress": "compress", "compress.targets": "targets", "compress.kernels": "kernels"},
     install_requires=[
         # CPU-only users: install torch from the CPU index first (see README);

@@ -15,6 +15,42 @@ import onnx
 log = logging.getLogger(__name__)
 
 INT8_MATMULS = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+# Fused attention (com.microsoft): the score and context products run in float;
+# Attention also holds the QKV projection (float), QAttention the same in int8.
+FUSED_ATTENTION = ("Attention", "QAttention", "MultiHeadAttention")
+
+
+def _shape_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy symbolic shape inference can finish: it has no rule for QAttention,
+    whose output is shaped like an Attention's on the same input, weight and bias."""
+    proxy = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in proxy.graph.node:
+        if node.op_type == "QAttention" and node.domain == "com.microsoft":
+            inputs = list(node.input[:3])
+            attrs = [a for a in node.attribute if a.name in ("num_heads", "qkv_hidden_sizes")]
+            del node.input[:]
+            node.input.extend(inputs)
+            del node.attribute[:]
+            node.attribute.extend(attrs)
+            node.op_type = "Attention"
+    return proxy
+
+
+def _attention_flops(node: onnx.NodeProto, shapes: dict) -> tuple[int, int] | None:
+    """(projection FLOPs, score + context FLOPs) of a fused attention node, None if a shape is unknown."""
+    if node.op_type == "MultiHeadAttention":
+        q, k, v = (shapes.get(name) for name in node.input[:3])
+        if not q or not k or not v or None in (*q, *k, *v) or len(q) != 3 or len(k) != 3:
+            return None
+        batch, seq, kv_seq = q[0], q[1], k[1]
+        return 0, 2 * batch * seq * kv_seq * q[2] + 2 * batch * seq * kv_seq * v[2]
+    x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if not x or not w or None in (*x, *w) or len(x) != 3:
+        return None
+    sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), None) or [w[1] // 3] * 3
+    batch, seq, hidden = x
+    projection = 2 * batch * seq * hidden * w[1]
+    return projection, 2 * batch * seq * seq * sizes[0] + 2 * batch * seq * seq * sizes[2]
 
 
 def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
@@ -29,7 +65,7 @@ def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
         dims = inp.type.tensor_type.shape.dim
         if len(dims) == 2:
             dims[0].dim_value, dims[1].dim_value = batch, seq
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    inferred = SymbolicShapeInference.infer_shapes(_shape_proxy(model), auto_merge=True)
     shapes = {t.name: list(t.dims) for t in inferred.graph.initializer}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
@@ -37,7 +73,15 @@ def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
 
     flops = {"int8": 0, "float": 0}
     unknown = 0
-    for node in inferred.graph.node:
+    for node in model.graph.node:  # the original ops; the proxy renamed QAttention
+        if node.op_type in FUSED_ATTENTION and node.domain == "com.microsoft":
+            work = _attention_flops(node, shapes)
+            if work is None:
+                unknown += 1
+                continue
+            flops["int8" if node.op_type == "QAttention" else "float"] += work[0]
+            flops["float"] += work[1]
+            continue
         if node.op_type not in ("MatMul", *INT8_MATMULS):
             continue
         a, out = shapes.get(node.input[0]), shapes.get(node.output[0])

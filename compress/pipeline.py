@@ -47,6 +47,9 @@ def stage_function(name: str) -> tuple[Callable, int]:
     if name == "export":
         from compress import export as mod
         return mod.export, mod.VERSION
+    if name == "fuse":
+        from compress import fuse as mod
+        return mod.fuse, mod.VERSION
     if name == "quantize":
         from compress import quantize as mod
         return mod.quantize, mod.VERSION

@@ -142,20 +142,30 @@ class QuantizeConfig(Frozen):
     flavour: Literal["u8s8", "s8s8-symmetric"] = Field("u8s8", description="static: u8s8 = uint8 activations, int8 weights (x86 VNNI, ARM); s8s8-symmetric = int8, zero point 0 (TensorRT)")
 
 
+class FuseConfig(Frozen):
+    attention: bool = Field(True, description="Fuse each layer's self-attention subgraph into one ONNX Runtime op (layers that don't match are kept, with the reason in meta)")
+    op: Literal["Attention", "MultiHeadAttention"] = Field("Attention", description="com.microsoft op: Attention (packed QKV projection; becomes int8 QAttention under dynamic quantization) or MultiHeadAttention (projections stay separate MatMuls)")
+    max_abs_diff: float = Field(1e-3, gt=0, description="Largest allowed |fused - unfused| on any embedding value")
+    min_cosine: float = Field(0.9999, gt=0, le=1, description="Lowest allowed cosine(fused, unfused) of any embedding")
+
+
 STAGE_CONFIGS: dict[str, type[Frozen]] = {
     "distill": DistillConfig,
     "prune": PruneConfig,
     "export": ExportConfig,
+    "fuse": FuseConfig,
     "quantize": QuantizeConfig,
 }
 # Stages run in this order whatever the recipe's order; export is inserted if absent.
-STAGE_ORDER = ["distill", "prune", "export", "quantize"]
+# fuse is opt-in: exact, but no latency gain measured on CPU yet (README, Recipes).
+STAGE_ORDER = ["distill", "prune", "export", "fuse", "quantize"]
 
 
 class StageEntry(Frozen):
     distill: DistillConfig | None = Field(None, description="Teacher -> smaller student (torch)")
     prune: PruneConfig | None = Field(None, description="Student -> fewer heads and FFN neurons, then recovery (torch)")
     export: ExportConfig | None = Field(None, description="torch -> validated ONNX (inserted when absent)")
+    fuse: FuseConfig | None = Field(None, description="fp32 ONNX -> ONNX with one fused attention op per layer, validated against its input")
     quantize: QuantizeConfig | None = Field(None, description="fp32 ONNX -> int8 ONNX")
 
     @model_validator(mode="before")
@@ -224,7 +234,7 @@ class Recipe(Frozen):
     data: DataConfig = Field(DataConfig(), description="Train, held-out and eval inputs")
     stages: list[StageEntry] = Field(
         default_factory=lambda: [StageEntry(distill={}), StageEntry(export={}), StageEntry(quantize={})],
-        description="Stages in order: distill, prune, export, quantize")
+        description="Stages in order: distill, prune, export, fuse, quantize")
     targets: TargetsConfig = Field(TargetsConfig(cpu=CpuTargetConfig()), description="Builds to emit, one per target")
     gates: GatesConfig = Field(GatesConfig(), description="Quality gates; a build that misses one exits 1 but keeps its report")
     bench: BenchConfig = Field(BenchConfig(), description="Benchmark conditions")

@@ -28,7 +28,7 @@ def test_schema_has_descriptions_for_every_field():
 
 @pytest.mark.parametrize("data,pattern", [
     ({"teacher": {"sorce": "x"}}, r"unknown field 'sorce' in teacher"),
-    ({"stages": [{"prune2": {}}]}, r"stages\[0\]: unknown stage 'prune2' \(known: distill, prune, export, quantize\)"),
+    ({"stages": [{"prune2": {}}]}, r"stages\[0\]: unknown stage 'prune2' \(known: distill, prune, export, fuse, quantize\)"),
     ({"targets": {"jetsn": {}}}, r"targets: unknown target 'jetsn' \(known: cpu\)"),
     ({"stages": [{"distill": {"epochs": "many"}}]}, r"stages\[0\]\.distill\.epochs: .*integer.*'many'"),
     ({"stages": [{"distill": {}}, {"distill": {}}]}, r"'distill' appears twice"),
