@@ -85,7 +85,7 @@ def test_qat_loss_decreases(qat_u8s8):
     q = qat_u8s8.meta["quantization"]
     assert q["mode"] == "qat" and qat_u8s8.meta["precision"] == "int8"
     assert q["qat"]["steps"] == 100
-    assert q["qat"]["loss_last"] < 0.7 * q["qat"]["loss_first"]  # measured: 0.29 -> 0.09
+    assert q["qat"]["loss_last"] < 0.7 * q["qat"]["loss_first"]  # measured: 0.113 -> 0.038
 
 
 def test_qat_graph_is_qdq_with_int8_linears(qat_u8s8):
@@ -124,7 +124,7 @@ def test_qat_graph_is_qdq_with_int8_linears(qat_u8s8):
 def test_qat_onnx_matches_torch_fake_quant_and_runs_integer_kernels(qat_u8s8):
     q = qat_u8s8.meta["quantization"]["qat"]
     # the stage ran the trained torch fake-quant model and the exported ONNX on the
-    # same random tokens; measured: max |diff| 1e-7 (same grid, exact int32 sums)
+    # same random tokens; measured: max |diff| 3e-7 (same grid, exact int32 sums)
     assert q["onnx_vs_torch_fake_quant"]["max_abs_diff"] < 1e-3
     assert q["onnx_vs_torch_fake_quant"]["mean_cosine"] > 0.9999
     # ONNX Runtime with all graph optimizations fuses every DQ->MatMul<-DQ into an integer kernel
@@ -144,7 +144,9 @@ def test_qat_beats_post_training_static_on_planted_outlier(planted, qat_u8s8, tm
     ref = run_onnx(fp32.model_file, ids, mask, threads=1)
     ptq_cos = compare(run_onnx(ptq.model_file, ids, mask, threads=1), ref)["mean_cosine"]
     qat_cos = compare(run_onnx(qat_u8s8.model_file, ids, mask, threads=1), ref)["mean_cosine"]
-    # measured on AVX2 (no VNNI): PTQ 0.979 (0.992 before int16 saturation), QAT 0.995
+    # measured on AVX2 (no VNNI): PTQ 0.979 as ONNX Runtime runs it (0.992 with
+    # graph optimizations off, i.e. before its u8s8 kernel's int16 pair sums
+    # saturate), QAT 0.995 either way
     assert qat_cos > ptq_cos
     assert qat_cos > 0.99
 
