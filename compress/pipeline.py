@@ -88,6 +88,8 @@ class StageContext:
     teacher: Artifact | None = None
     calibration_texts: list[str] = field(default_factory=list)
     cache_root: Path | None = None  # where stages keep reusable intermediates (teacher outputs); None: don't
+    # The torch artifact the current ONNX model was exported from (quantize mode qat trains it).
+    torch_source: Artifact | None = None
 
 
 @dataclass
@@ -173,6 +175,9 @@ def preflight(recipe: Recipe, targets: list[str]):
     if kind == "onnx" and torch_stages:
         raise RecipeError(f"stages: {torch_stages[0]} needs a torch teacher, but {recipe.teacher.source} is ONNX; use hf:<dir>, "
                           "or keep only quantize to build the ONNX model as it is")
+    if kind == "onnx" and any(n == "quantize" and c.mode == "qat" for n, c in plan):
+        raise RecipeError(f"stages.quantize.mode: qat trains the torch model the ONNX came from, but {recipe.teacher.source} "
+                          "is ONNX; use an hf: teacher, or mode: static")
     return modules, plan
 
 
@@ -187,6 +192,7 @@ class Builder:
         self.opts = opts
         self._cache: Cache | None = None
         self.records: list[StageRecord] = []
+        self.torch_source: Artifact | None = None
 
     @property
     def cache(self) -> Cache:
@@ -211,7 +217,7 @@ class Builder:
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
                                teacher=self.teacher, calibration_texts=self.inputs.calibration,
-                               cache_root=self.cache.root)
+                               cache_root=self.cache.root, torch_source=self.torch_source)
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
@@ -238,6 +244,8 @@ class Builder:
                 assert name == plan[-1][0], "quantize must be the last stage for mode auto"
                 auto = cfg
                 continue
+            if src.kind == "torch":  # what a later qat quantize trains
+                self.torch_source = src
             record = self.run_stage(name, *stage_function(name), src, cfg, self.stage_extra(name, cfg))
             self.records.append(record)
             src = record.artifact
@@ -269,6 +277,10 @@ class Builder:
             return {"train": self.inputs.digests["train"], "teacher": self.teacher.digest}
         if name == "quantize" and cfg.mode == "static":  # reads the calibration inputs
             return {"calibration": self.inputs.digests["calibration"]}
+        if name == "quantize" and cfg.mode == "qat":  # trains the torch source towards the teacher
+            from compress.qat import VERSION as qat_version
+            return {"calibration": self.inputs.digests["calibration"], "train": self.inputs.digests["train"],
+                    "teacher": self.teacher.digest, "torch_source": self.torch_source.digest, "qat": qat_version}
         return None
 
     def choose_quantization(self, cfg: QuantizeConfig, src: Artifact, tname: str, mod: Any,

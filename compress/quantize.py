@@ -50,6 +50,10 @@ def quantize(src: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
         shutil.copyfile(src.path / name, out / name)
     if cfg.mode == "static":
         details = quantize_static_qdq(src, cfg, list(ctx.calibration_texts), out / "model.onnx", ctx.max_length)
+    elif cfg.mode == "qat":
+        from compress import qat
+
+        details = qat.quantize_aware(ctx.torch_source, ctx.teacher, cfg, ctx, out / "model.onnx", fp32=src)
     else:
         quantize_dynamic(
             str(src.model_file), str(out / "model.onnx"),

@@ -133,13 +133,18 @@ class ExportConfig(Frozen):
 
 class QuantizeConfig(Frozen):
     dtype: Literal["int8"] = Field("int8", description="Weight precision")
-    mode: Literal["auto", "dynamic", "static"] = Field("auto", description="auto: build every mode in `candidates` and keep the fastest on the target that keeps quality; dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration")
+    mode: Literal["auto", "dynamic", "static", "qat"] = Field("auto", description="auto: build every mode in `candidates` and keep the fastest on the target that keeps quality; dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration; qat: the torch student fine-tuned with fake int8 in the loop, then exported as QDQ")
     candidates: list[Literal["dynamic", "static"]] = Field(["dynamic", "static"], min_length=1, description="auto: the modes tried, each built for the target and timed there")
     max_fidelity_drop: float = Field(0.01, ge=0, le=1, description="auto: a candidate may lose at most this much fidelity (mean cosine to the teacher) against the best candidate")
     per_channel: bool = Field(True, description="One scale per output channel instead of per tensor (keeps ~0.015 more fidelity on MiniLM at no measurable cost)")
-    calibration: Literal["minmax", "entropy", "percentile"] = Field("percentile", description="static: how activation ranges are chosen from calibration data")
-    percentile: float = Field(99.99, gt=90, le=100, description="static + percentile: the share of activation values the range covers")
-    flavour: Literal["u8s8", "s8s8-symmetric"] = Field("u8s8", description="static: u8s8 = uint8 activations, int8 weights (x86 VNNI, ARM); s8s8-symmetric = int8, zero point 0 (TensorRT)")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field("percentile", description="static: how activation ranges are chosen from calibration data (qat starts from percentile)")
+    percentile: float = Field(99.99, gt=90, le=100, description="static + percentile, qat: the share of activation values the (initial) range covers")
+    flavour: Literal["u8s8", "s8s8-symmetric"] = Field("u8s8", description="static, qat: u8s8 = uint8 activations, int8 weights (x86 VNNI, ARM); s8s8-symmetric = int8, zero point 0 (TensorRT)")
+    qat_steps: int = Field(200, ge=1, description="qat: feature-distillation steps from the teacher with fake quantization in the loop")
+    qat_lr: float = Field(2e-5, gt=0, description="qat: peak AdamW learning rate (small: the student is already trained; ranges adapt at their own speed)")
+    qat_batch_size: int = Field(32, ge=1, description="qat: inputs per step")
+    qat_reduce_range: bool = Field(True, description="qat: 7-bit weights (±63), so x86 CPUs without VNNI (AVX2), whose int8 kernels sum product pairs in saturating int16, compute what QAT trained; false for VNNI, ARM or TensorRT only")
+    qat_seed: int = Field(0, description="qat: seed of shuffling and initialisation order")
 
 
 class FuseConfig(Frozen):
