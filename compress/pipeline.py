@@ -21,7 +21,7 @@ from compress import data as datamod
 from compress.artifact import Artifact
 from compress.cache import Cache, make_key
 from compress.errors import CacheError, GateFailed, RecipeError
-from compress.recipe import ExportConfig, QuantizeConfig, Recipe
+from compress.recipe import ExportConfig, FallbackConfig, QuantizeConfig, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ class StageContext:
     progress: Callable[..., Progress]
     teacher: Artifact | None = None
     calibration_texts: list[str] = field(default_factory=list)
+    # The build's gates on a candidate ONNX model (tokenizer beside the stage's
+    # input): (passed, {"score": margin, >= 0 passes, ...}). None without gates.
+    accept: Callable[[Path], tuple[bool, dict]] | None = None
 
 
 @dataclass
@@ -149,7 +152,12 @@ def preflight(recipe: Recipe, targets: list[str]):
         raise RecipeError("no target: pass --target cpu or list one under targets: in the recipe")
     modules = {}
     plan = recipe.stage_plan()
-    precision = "int8" if any(n == "quantize" for n, _ in plan) else "fp32"
+    quantize = [c for n, c in plan if n == "quantize"]
+    precision = (quantize[0].dtype if quantize else "fp32")  # int8 | fp16: what the targets must run
+    if quantize and quantize[0].fallback.enabled and quantize[0].fallback.metric == "retention" \
+            and recipe.gates.retention is None and recipe.gates.fidelity is None:
+        raise RecipeError("stages.quantize.fallback.metric: retention checks candidates against the gates, and "
+                          "none is set; set gates.retention (or gates.fidelity), or use metric: agreement")
     for name in chosen:
         mod = targets_pkg.get(name)
         cfg = configured.get(name) or _default_target_config(name)
@@ -188,7 +196,8 @@ class Builder:
         return Progress(self.opts.progress, total, desc)
 
     def run_stage(self, name: str, fn: Callable, version: int, src: Artifact, cfg: Any,
-                  extra: dict | None = None, label: str | None = None) -> StageRecord:
+                  extra: dict | None = None, label: str | None = None,
+                  accept: Callable[[Path], tuple[bool, dict]] | None = None) -> StageRecord:
         label = label or name
         key = make_key(src.digest, name, cfg.model_dump(mode="json"), version, extra or {})
 
@@ -197,7 +206,7 @@ class Builder:
             ctx = StageContext(out=out, train_texts=self.inputs.train,
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
-                               teacher=self.teacher, calibration_texts=self.inputs.calibration)
+                               teacher=self.teacher, calibration_texts=self.inputs.calibration, accept=accept)
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
@@ -219,14 +228,23 @@ class Builder:
             if name == "export" and src.kind == "onnx":
                 continue  # an ONNX teacher is already exported
             fn, version = stage_function(name)
-            extra = None
+            extra, accept = None, None
             if name == "distill":  # reads the train inputs; its input artifact is the teacher
                 extra = {"train": self.inputs.digests["train"]}
             elif name == "prune":  # reads the train inputs and the teacher beside its input
                 extra = {"train": self.inputs.digests["train"], "teacher": self.teacher.digest}
             elif name == "quantize" and cfg.mode == "static":  # reads the calibration inputs
                 extra = {"calibration": self.inputs.digests["calibration"]}
-            record = self.run_stage(name, fn, version, src, cfg, extra)
+            if name == "quantize" and cfg.dtype == "int8" and cfg.fallback.enabled:
+                # sensitivity reads calibration rows, the agreement check held-out inputs,
+                # the retention check the gates, eval sets and the teacher's scores
+                extra = {**(extra or {}), "calibration": self.inputs.digests["calibration"],
+                         "heldout": self.inputs.digests["heldout"], "max_length": self.recipe.teacher.max_length}
+                if cfg.fallback.metric == "retention":
+                    extra.update(gates=self.recipe.gates.model_dump(mode="json"), teacher=self.teacher.digest,
+                                 eval={k: v for k, v in self.inputs.digests.items() if k.startswith("eval:")})
+                    accept = self.candidate_gates(src)
+            record = self.run_stage(name, fn, version, src, cfg, extra, accept=accept)
             self.records.append(record)
             src = record.artifact
 
@@ -264,6 +282,29 @@ class Builder:
         path, hit = self.cache.produce(key, make)
         return json.loads((path / "metrics.json").read_text()), np.load(path / "heldout.npy")
 
+    def candidate_gates(self, src: Artifact) -> Callable[[Path], tuple[bool, dict]]:
+        """The recipe's gates on a candidate ONNX model that runs with src's
+        tokenizer (the quantize fallback's check); score = the smallest margin."""
+        from compress import evaluate as ev
+        from compress.encoders import OnnxEncoder
+        from compress.report import gates
+
+        g = self.recipe.gates
+
+        def accept(model: Path) -> tuple[bool, dict]:
+            enc = OnnxEncoder(model, src.path, self.recipe.teacher.max_length)
+            metrics, emb = ev.run(enc, self.inputs.eval_sets, self.inputs.heldout)
+            t_metrics, t_emb = self.evaluate(self.teacher, "teacher")
+            quality = {"retention": ev.retention(metrics, t_metrics), "fidelity": ev.fidelity(emb, t_emb)}
+            margins = [v - g.retention for v in quality["retention"].values()] if g.retention is not None else []
+            if g.fidelity is not None:
+                margins.append(quality["fidelity"]["cosine"] - g.fidelity)
+            margins = [m if m == m else float("-inf") for m in margins]  # a NaN metric fails, as in the gates
+            verdict = gates(self.recipe, quality)
+            return verdict["passed"], {"score": min(margins), "retention": quality["retention"],
+                                       "fidelity": quality["fidelity"]["cosine"], "failed": verdict["failed"]}
+        return accept
+
     def quality(self, art: Artifact, label: str) -> dict:
         from compress import evaluate as ev
 
@@ -289,7 +330,8 @@ class Builder:
                                    label="reference: teacher ORT transformer optimizer").artifact
         # Optimum's dynamic avx512_vnni config: per-tensor int8 weights. Pinned here so
         # the reference does not move when compress's own defaults do.
-        int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32, QuantizeConfig(per_channel=False),
+        int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32,
+                              QuantizeConfig(per_channel=False, fallback=FallbackConfig(enabled=False)),
                               label="reference: teacher dynamic int8").artifact
         tok = [str(t.path / n) for n in fp32.meta.get("tokenizer_files", [])]
         models.append(bench.BenchModel("teacher-ort-fp32", "onnx", str(optimized.model_file),

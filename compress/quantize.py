@@ -1,17 +1,22 @@
-"""Stage `quantize`: fp32 ONNX -> int8 ONNX.
+"""Stage `quantize`: fp32 ONNX -> int8 (or fp16) ONNX.
 
 dynamic: ONNX Runtime's dynamic quantization (int8 weights, activations
 quantized per run). static: QDQ with activation ranges calibrated on real
 inputs (minmax, entropy or percentile), in the flavour the target wants (u8s8
-for x86 VNNI and ARM, symmetric s8s8 with zero point 0 for TensorRT). The
-quantized model is compared with its input and the agreement recorded.
+for x86 VNNI and ARM, symmetric s8s8 with zero point 0 for TensorRT). fp16:
+half precision for GPU targets. The result is compared with its input and the
+agreement recorded. With `fallback`, each MatMul's sensitivity to int8 is
+measured and the most sensitive are kept in fp32 until a quality check passes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -24,8 +29,15 @@ from compress.recipe import QuantizeConfig
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: meta records the int8 FLOP share
+VERSION = 3  # 2: meta records the int8 FLOP share; 3: fp16, per-node sensitivity and the fp32 fallback
 CALIBRATION_LENGTH = 128  # tokens per packed calibration row
+SCRATCH = ".scratch"  # candidates and the calibration cache; removed before the artifact is sealed
+# fp16 must agree with fp32 this well: half precision on a BERT encoder costs
+# ~1e-6 in cosine (measured on the tiny test model), so less means an overflow.
+FP16_MIN_COSINE = 0.999
+# write(model_out, exclude, only): one int8 model with `exclude` kept in fp32,
+# or, with `only`, just those nodes quantized.
+Writer = Callable[..., None]
 
 
 def run_onnx(path, ids, mask, threads: int = 2):
@@ -40,32 +52,57 @@ def run_onnx(path, ids, mask, threads: int = 2):
 
 
 def quantize(src: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     out = ctx.out
     for name in src.meta.get("tokenizer_files", []):
         shutil.copyfile(src.path / name, out / name)
-    if cfg.mode == "static":
-        details = quantize_static_qdq(src, cfg, list(ctx.calibration_texts), out / "model.onnx", ctx.max_length)
-    else:
-        quantize_dynamic(
-            str(src.model_file), str(out / "model.onnx"),
-            weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
-            # Shape inference cannot type some exporter outputs; they are float.
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-        details = {"weights": "s8", "activations": "u8 (dynamic)"}
+    scratch = out / SCRATCH
+    scratch.mkdir()
+    try:
+        if cfg.dtype == "fp16":
+            precision, details = "fp16", to_fp16(src, out / "model.onnx")
+        else:
+            precision = "int8"
+            write, details = int8_writer(src, cfg, ctx, scratch)
+            write(out / "model.onnx")
+            if cfg.fallback.enabled:
+                details["fallback"] = fallback(src, cfg, ctx, write, out / "model.onnx", scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
     ids, mask = random_inputs(src.meta.get("vocab_size", 30522))
     agreement = compare(run_onnx(out / "model.onnx", ids, mask), run_onnx(src.model_file, ids, mask))
     from compress.graphstats import matmul_flops
 
     details["flops"] = matmul_flops(out / "model.onnx")
-    log.info("quantize: %s int8, cosine to fp32 %.4f, int8 share of FLOPs %.3f", cfg.mode,
+    log.info("quantize: %s %s, cosine to fp32 %.4f, int8 share of FLOPs %.3f", cfg.mode, precision,
              agreement["mean_cosine"], details["flops"]["int8_share"])
-    return seal(out, "onnx", {**src.meta, "parent": src.digest, "precision": "int8",
+    return seal(out, "onnx", {**src.meta, "parent": src.digest, "precision": precision,
                               "quantization": {"mode": cfg.mode, "dtype": cfg.dtype, "per_channel": cfg.per_channel,
                                                **details, "agreement_random": agreement}})
+
+
+def int8_writer(src: Artifact, cfg: QuantizeConfig, ctx, scratch: Path) -> tuple[Writer, dict]:
+    """How cfg.mode writes int8 models, and what it records; the fallback calls
+    the writer once per candidate, so a new mode only has to provide one."""
+    if cfg.mode == "dynamic":
+        return dynamic_writer(src, cfg), {"weights": "s8", "activations": "u8 (dynamic)"}
+    if cfg.mode == "static":
+        return static_writer(src, cfg, list(ctx.calibration_texts), ctx.max_length, scratch)
+    raise StageError(f"quantize: mode {cfg.mode!r} has no int8 writer (known: dynamic, static); set quantize.mode")
+
+
+def dynamic_writer(src: Artifact, cfg: QuantizeConfig) -> Writer:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def write(model_out: Path, exclude: list[str] = (), only: list[str] | None = None) -> None:
+        quantize_dynamic(
+            str(src.model_file), str(model_out),
+            weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
+            nodes_to_quantize=list(only or []), nodes_to_exclude=list(exclude),
+            # Shape inference cannot type some exporter outputs; they are float.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    return write
 
 
 class _Reader:
@@ -96,7 +133,8 @@ class _Reader:
         self.i = 0
 
 
-def quantize_static_qdq(src: Artifact, cfg: QuantizeConfig, texts: list[str], out_model: Path, max_length: int) -> dict:
+def static_writer(src: Artifact, cfg: QuantizeConfig, texts: list[str], max_length: int,
+                  scratch: Path) -> tuple[Writer, dict]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from compress.encoders import load_tokenizer
@@ -111,12 +149,173 @@ def quantize_static_qdq(src: Artifact, cfg: QuantizeConfig, texts: list[str], ou
         extra["CalibPercentile"] = cfg.percentile
     inputs = [i.name for i in onnx.load(str(src.model_file), load_external_data=False).graph.input]
     reader = _Reader(texts, load_tokenizer(src.path), min(max_length, CALIBRATION_LENGTH), inputs)
-    quantize_static(
-        str(src.model_file), str(out_model), reader, quant_format=QuantFormat.QDQ,
-        per_channel=cfg.per_channel, op_types_to_quantize=["MatMul"],
-        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
-        calibrate_method=method, extra_options=extra)
-    return {"weights": "s8 symmetric", "activations": "s8 symmetric (zero point 0)" if symmetric else "u8 asymmetric",
-            "format": "QDQ", "calibration": cfg.calibration, "calibration_inputs": len(texts),
-            "calibration_rows": len(reader.rows),
-            **({"percentile": cfg.percentile} if cfg.calibration == "percentile" else {})}
+    # Calibrate once: every later candidate (sensitivity, fallback) reads the ranges from here.
+    cache = scratch / "calibration.json"
+
+    def write(model_out: Path, exclude: list[str] = (), only: list[str] | None = None) -> None:
+        reader.rewind()
+        quantize_static(
+            str(src.model_file), str(model_out), reader, quant_format=QuantFormat.QDQ,
+            per_channel=cfg.per_channel, op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=list(only or []), nodes_to_exclude=list(exclude),
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=method, extra_options=extra, calibration_cache_path=cache)
+
+    return write, {
+        "weights": "s8 symmetric", "activations": "s8 symmetric (zero point 0)" if symmetric else "u8 asymmetric",
+        "format": "QDQ", "calibration": cfg.calibration, "calibration_inputs": len(texts),
+        "calibration_rows": len(reader.rows),
+        **({"percentile": cfg.percentile} if cfg.calibration == "percentile" else {})}
+
+
+# -- fp16 ---------------------------------------------------------------------
+
+def to_fp16(src: Artifact, out_model: Path) -> dict:
+    """Half-precision weights and arithmetic, fp32 inputs and outputs (keep_io_types).
+
+    ONNX Runtime's CPU provider runs the result, but (1.32, x86-64) only
+    LayerNormalization, Gather and the data-movement ops run in fp16 there: it
+    wraps MatMul, Add, Mul, Sub, Div, Erf, Softmax, ReduceSum and ReduceL2 in
+    Casts and computes them in fp32. So the half-precision arithmetic a GPU
+    runs is checked with onnx's reference evaluator, on a short input."""
+    from onnx.reference import ReferenceEvaluator
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src.model_file)), keep_io_types=True)
+    onnx.save(model, str(out_model))
+    onnx.checker.check_model(model, full_check=True)
+    vocab = src.meta.get("vocab_size", 30522)
+    ids, mask = random_inputs(vocab)
+    ort_cpu = compare(run_onnx(out_model, ids, mask), run_onnx(src.model_file, ids, mask))
+    # The reference evaluator is plain numpy (fp16 matmuls without BLAS): keep the input short.
+    ids, mask = random_inputs(vocab, batch=2, seq=16, seed=1)
+    names = [i.name for i in model.graph.input]
+    feed = {k: v for k, v in {"input_ids": ids, "attention_mask": mask}.items() if k in names}
+    half = ReferenceEvaluator(model).run([ONNX_OUTPUT], feed)[0]
+    reference = compare(half.astype(np.float32), run_onnx(src.model_file, ids, mask))
+    for where, res in (("onnx.reference (fp16 arithmetic)", reference), ("onnxruntime CPU", ort_cpu)):
+        if res["mean_cosine"] < FP16_MIN_COSINE:
+            raise StageError(f"quantize: fp16 model disagrees with fp32 under {where}: mean cosine "
+                             f"{res['mean_cosine']:.6f} (need >= {FP16_MIN_COSINE}); a value overflows half "
+                             "precision: use dtype int8, or report the model")
+    return {"weights": "fp16", "activations": "fp16", "io": "fp32 (keep_io_types)",
+            "validation": {"reference_fp16": reference, "onnxruntime_cpu": ort_cpu}}
+
+
+# -- sensitivity and fallback ----------------------------------------------------
+
+LAYER = re.compile(r"layers?[._/](\d+)")
+
+
+def quantizable_nodes(model_path: Path, mode: str) -> list[dict]:
+    """The MatMuls cfg.mode quantizes, in graph order: those with a weight
+    initializer (dynamic), every MatMul (static QDQ also quantizes the attention
+    products). Other op types (fused attention, Gather) are left alone."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or not node.name:
+            continue  # nodes_to_exclude works by name
+        has_weight = any(i in weights for i in node.input)
+        if mode == "static" or has_weight:
+            m = LAYER.search(node.name)
+            nodes.append({"node": node.name, "layer": int(m.group(1)) if m else None, "weight": has_weight})
+    return nodes
+
+
+def _rows(src: Artifact, tokenizer, texts: list[str], max_length: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `rows` packed rows of real tokens, or random tokens when there are no texts."""
+    if not texts:
+        return random_inputs(src.meta.get("vocab_size", 30522), batch=rows)
+    reader = _Reader(texts, tokenizer, min(max_length, CALIBRATION_LENGTH), ["input_ids"])
+    ids = np.concatenate(reader.rows[:rows])
+    return ids, np.ones_like(ids)
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return compare(a, b)["mean_cosine"]
+
+
+def sensitivity(nodes: list[dict], write: Writer, feeds, reference: np.ndarray, scratch: Path) -> list[dict]:
+    """Per node: 1 - mean cosine(output with only this node in int8, fp32 output).
+    For small errors these roughly add up to 1 - the all-int8 agreement."""
+    ids, mask = feeds
+    one = scratch / "one-node.onnx"
+    ranked = []
+    for item in nodes:
+        write(one, only=[item["node"]])
+        ranked.append({**item, "sensitivity": max(0.0, 1.0 - _mean_cosine(run_onnx(one, ids, mask), reference))})
+    return sorted(ranked, key=lambda r: -r["sensitivity"])
+
+
+def fallback(src: Artifact, cfg: QuantizeConfig, ctx, write: Writer, model: Path, scratch: Path) -> dict:
+    """Keep the most sensitive nodes in fp32, one more per step, until the check
+    passes or fallback.max_fp32 is spent; then `model` holds the chosen candidate.
+    An exhausted budget is recorded, not raised: the build's gates decide."""
+    from compress.encoders import load_tokenizer
+
+    fb = cfg.fallback
+    tokenizer = load_tokenizer(src.path)
+    check, threshold = quality_check(src, cfg, ctx, tokenizer)
+    nodes = quantizable_nodes(src.model_file, cfg.mode)
+    texts = list(ctx.calibration_texts) or list(ctx.validation_texts)
+    feeds = _rows(src, tokenizer, texts, ctx.max_length, fb.rows)
+    start = time.perf_counter()
+    ranked = sensitivity(nodes, write, feeds, run_onnx(src.model_file, *feeds), scratch)
+    seconds = time.perf_counter() - start
+    log.info("quantize: sensitivity of %d nodes on %d rows in %.1fs; most sensitive %s (%.2e)", len(ranked),
+             len(feeds[0]), seconds, ranked[0]["node"] if ranked else "-", ranked[0]["sensitivity"] if ranked else 0)
+
+    candidates = [model]
+    ok, info = check(model)
+    steps = [{"fp32": [], "passed": ok, **info}]
+    budget = min(fb.max_fp32, len(ranked))
+    while not ok and len(steps) <= budget:
+        keep = [r["node"] for r in ranked[:len(steps)]]
+        candidate = scratch / f"fp32-{len(keep)}.onnx"
+        write(candidate, exclude=keep)
+        ok, info = check(candidate)
+        steps.append({"fp32": keep, "passed": ok, **info})
+        candidates.append(candidate)
+        log.info("quantize: fallback keeps %d node(s) in fp32 (%s): %s", len(keep), keep[-1],
+                 "passed" if ok else "still failing")
+    chosen = len(steps) - 1 if ok else max(range(len(steps)), key=lambda i: steps[i]["score"])
+    if candidates[chosen] != model:
+        shutil.copyfile(candidates[chosen], model)
+    status = ("not needed" if len(steps) == 1 else "passed") if ok else "exhausted"
+    if status == "exhausted":
+        log.warning("quantize: fallback budget of %d fp32 node(s) spent and the %s check still fails; keeping the "
+                    "best candidate (step %d); the build's gates decide", budget, fb.metric, chosen)
+    return {"metric": fb.metric, "threshold": threshold, "status": status, "max_fp32": fb.max_fp32,
+            "fp32_nodes": steps[chosen]["fp32"], "chosen_step": chosen, "steps": steps,
+            "sensitivity": ranked, "sensitivity_rows": int(len(feeds[0])),
+            "sensitivity_seconds": round(seconds, 3),
+            # The latency this costs is what the build's benchmark measures on the final model.
+            "cost": "FLOPs: flops.int8_share of this stage; latency: the build's benchmark"}
+
+
+def quality_check(src: Artifact, cfg: QuantizeConfig, ctx, tokenizer) -> tuple[Callable[[Path], tuple[bool, dict]], object]:
+    """check(model) -> (passed, {"score": margin over the threshold (>= 0 passes), ...}), and the threshold."""
+    fb = cfg.fallback
+    if fb.metric == "retention":
+        if ctx.accept is None:
+            raise StageError("quantize: fallback.metric retention needs the build's gates, and this build has none; "
+                             "set gates.retention (or gates.fidelity), or use fallback.metric: agreement")
+        return ctx.accept, "gates"
+    texts = list(ctx.validation_texts) or list(ctx.calibration_texts)
+    feeds = _sentences(src, tokenizer, texts, ctx.max_length)
+    reference = run_onnx(src.model_file, *feeds)
+
+    def check(model: Path) -> tuple[bool, dict]:
+        agreement = _mean_cosine(run_onnx(model, *feeds), reference)
+        return agreement >= fb.min_agreement, {"agreement": agreement, "score": agreement - fb.min_agreement}
+    return check, fb.min_agreement
+
+
+def _sentences(src: Artifact, tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out inputs one sentence per row, padded, as eval runs them (random tokens without texts)."""
+    if not texts:
+        return random_inputs(src.meta.get("vocab_size", 30522))
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)

@@ -84,13 +84,28 @@ class ExportConfig(Frozen):
     min_cosine: float = Field(0.9999, gt=0, le=1, description="Lowest allowed mean cosine(onnx, torch)")
 
 
+class FallbackConfig(Frozen):
+    enabled: bool = Field(False, description="int8: rank MatMuls by sensitivity and keep the most sensitive in fp32 until the quality check passes")
+    metric: Literal["agreement", "retention"] = Field("agreement", description="agreement: mean cosine(int8, fp32) on held-out inputs >= min_agreement; retention: the recipe's gates on the candidate model")
+    min_agreement: float = Field(0.99, gt=0, le=1, description="agreement: the lowest accepted mean cosine of the quantized model's outputs to fp32")
+    max_fp32: int = Field(4, ge=0, description="Budget: at most this many MatMuls kept in fp32; when spent, the best candidate is kept and the gates decide")
+    rows: int = Field(8, ge=1, description="Packed calibration rows each node's sensitivity is measured on")
+
+
 class QuantizeConfig(Frozen):
-    dtype: Literal["int8"] = Field("int8", description="Weight precision")
+    dtype: Literal["int8", "fp16"] = Field("int8", description="int8 (CPU, ARM, TensorRT) or fp16 (GPU targets; weights and activations in half precision, io stays fp32)")
     mode: Literal["dynamic", "static"] = Field("dynamic", description="dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration")
     per_channel: bool = Field(True, description="One scale per output channel instead of per tensor (keeps ~0.015 more fidelity on MiniLM at no measurable cost)")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("percentile", description="static: how activation ranges are chosen from calibration data")
     percentile: float = Field(99.99, gt=90, le=100, description="static + percentile: the share of activation values the range covers")
     flavour: Literal["u8s8", "s8s8-symmetric"] = Field("u8s8", description="static: u8s8 = uint8 activations, int8 weights (x86 VNNI, ARM); s8s8-symmetric = int8, zero point 0 (TensorRT)")
+    fallback: FallbackConfig = Field(FallbackConfig(), description="int8: accuracy-aware fallback of the most sensitive MatMuls to fp32")
+
+    @model_validator(mode="after")
+    def fallback_needs_int8(self) -> "QuantizeConfig":
+        if self.dtype != "int8" and self.fallback.enabled:
+            raise ValueError(f"fallback applies to dtype int8, got dtype {self.dtype}; set fallback.enabled: false or dtype: int8")
+        return self
 
 
 STAGE_CONFIGS: dict[str, type[Frozen]] = {
@@ -107,7 +122,7 @@ class StageEntry(Frozen):
     distill: DistillConfig | None = Field(None, description="Teacher -> smaller student (torch)")
     prune: PruneConfig | None = Field(None, description="Student -> fewer heads and FFN neurons, then recovery (torch)")
     export: ExportConfig | None = Field(None, description="torch -> validated ONNX (inserted when absent)")
-    quantize: QuantizeConfig | None = Field(None, description="fp32 ONNX -> int8 ONNX")
+    quantize: QuantizeConfig | None = Field(None, description="fp32 ONNX -> int8 (or fp16) ONNX")
 
     @model_validator(mode="before")
     @classmethod
