@@ -313,3 +313,48 @@ def test_fallback_recipe_errors():
     r = recipes.parse({"stages": [{"quantize": {"fallback": {"enabled": True, "metric": "retention"}}}]})
     with pytest.raises(RecipeError, match="fallback.metric: retention .* set gates.retention"):
         preflight(r, ["cpu"])
+
+
+def test_candidate_gates_score_a_candidate_model(fp32, tiny_teacher, tiny_project, tmp_path, monkeypatch):
+    """The pipeline's retention check: the recipe's gates on a candidate ONNX
+    model, scored by the smallest margin (the fallback keeps the best score)."""
+    import yaml
+
+    from compress import recipe as recipes, sources
+    from compress.pipeline import BuildOptions, Builder, load_inputs
+    from tests.conftest import tiny_recipe
+
+    monkeypatch.chdir(tiny_project)
+    verdicts = {}
+    for retention in (0.9, 1.5):
+        recipe = recipes.parse(yaml.safe_load(tiny_recipe(tiny_teacher, gates=f"{{retention: {retention}, fidelity: 0.99}}")))
+        builder = Builder(recipe, BuildOptions(targets=["cpu"], cache_root=tmp_path / "cache", progress=False))
+        builder.inputs = load_inputs(recipe)
+        builder.teacher = sources.teacher_artifact(recipe.teacher.source, None, builder.cache, recipe.task)
+        verdicts[retention] = builder.candidate_gates(fp32)(fp32.model_file)
+    (ok, info), (bad, worse) = verdicts[0.9], verdicts[1.5]
+    # the exported teacher is the teacher: it keeps its metric and its embeddings
+    assert ok and info["failed"] == [] and info["fidelity"] > 0.999
+    assert info["score"] == pytest.approx(min(info["retention"]["pairs"] - 0.9, info["fidelity"] - 0.99))
+    assert not bad and worse["score"] < 0 and worse["failed"][0].startswith("retention pairs")
+
+
+def test_report_lists_sensitive_and_fp32_nodes():
+    from compress.report import markdown
+
+    fb = {"sensitivity": [{"node": f"/layer.{i}/output/dense/MatMul", "layer": i, "sensitivity": 10.0 ** -i}
+                          for i in range(8)],
+          "fp32_nodes": ["/layer.0/output/dense/MatMul"], "status": "passed", "metric": "agreement",
+          "steps": [{}, {}], "max_fp32": 4}
+    quality = {"metrics": {"pairs": 0.5}, "retention": {"pairs": 1.0}, "fidelity": {"cosine": 1.0, "top10_agreement": 1.0}}
+    stage = {"stage": "quantize", "kind": "onnx", "cached": False, "quality": quality,
+             "meta": {"precision": "int8", "quantization": {"fallback": fb}}}
+    target = {**stage, "stage": "target cpu"}  # carries the same meta: listed once
+    report = {"target": "cpu", "task": "embedding", "teacher": {"source": "t", "params": 1, "metrics": {"pairs": 0.5}, "kind": "torch"},
+              "final": {"params": 1, "model_sha256": "x"}, "stages": [stage, target], "summary": {},
+              "gates": {"retention": None, "fidelity": None, "passed": True, "failed": []}}
+    md = markdown(report)
+    assert md.count("## Quantize: sensitivity and fp32 fallback") == 1
+    assert "`/layer.0/output/dense/MatMul` 1.0e+00" in md and "`/layer.4/output/dense/MatMul` 1.0e-04" in md
+    assert "/layer.5/" not in md.split("## Quantize")[1].split("Kept")[0]  # top 5 only
+    assert "Kept in fp32: `/layer.0/output/dense/MatMul` (fallback passed: agreement check, 1 step(s), budget 4)" in md
