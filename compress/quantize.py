@@ -74,11 +74,11 @@ def quantize(src: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
     from compress.graphstats import matmul_flops
 
     details["flops"] = matmul_flops(out / "model.onnx")
-    log.info("quantize: %s %s, cosine to fp32 %.4f, int8 share of FLOPs %.3f", cfg.mode, precision,
-             agreement["mean_cosine"], details["flops"]["int8_share"])
+    log.info("quantize: %s, cosine to fp32 %.4f, int8 share of FLOPs %.3f", precision if cfg.dtype == "fp16"
+             else f"{cfg.mode} int8", agreement["mean_cosine"], details["flops"]["int8_share"])
+    how = {"mode": cfg.mode, "per_channel": cfg.per_channel} if cfg.dtype == "int8" else {}
     return seal(out, "onnx", {**src.meta, "parent": src.digest, "precision": precision,
-                              "quantization": {"mode": cfg.mode, "dtype": cfg.dtype, "per_channel": cfg.per_channel,
-                                               **details, "agreement_random": agreement}})
+                              "quantization": {**how, "dtype": cfg.dtype, **details, "agreement_random": agreement}})
 
 
 def int8_writer(src: Artifact, cfg: QuantizeConfig, ctx, scratch: Path) -> tuple[Writer, dict]:
@@ -173,11 +173,13 @@ def static_writer(src: Artifact, cfg: QuantizeConfig, texts: list[str], max_leng
 def to_fp16(src: Artifact, out_model: Path) -> dict:
     """Half-precision weights and arithmetic, fp32 inputs and outputs (keep_io_types).
 
-    ONNX Runtime's CPU provider runs the result, but (1.32, x86-64) only
-    LayerNormalization, Gather and the data-movement ops run in fp16 there: it
-    wraps MatMul, Add, Mul, Sub, Div, Erf, Softmax, ReduceSum and ReduceL2 in
-    Casts and computes them in fp32. So the half-precision arithmetic a GPU
-    runs is checked with onnx's reference evaluator, on a short input."""
+    ONNX Runtime's CPU provider runs the result, but (1.32, x86-64, BERT graph)
+    only LayerNormalization, one Gather and the data-movement ops (Reshape,
+    Transpose, Expand, Identity, Shape) get fp16 kernels there: it wraps MatMul,
+    Add, Mul, Sub, Div, Erf, Softmax (expanded), ReduceSum, ReduceL2 and the
+    other Gathers in Casts and computes them in fp32. So the half-precision
+    arithmetic a GPU runs is checked with onnx's reference evaluator, on a short
+    input; ORT's CPU result is recorded beside it."""
     from onnx.reference import ReferenceEvaluator
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
