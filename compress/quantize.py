@@ -239,16 +239,169 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return compare(a, b)["mean_cosine"]
 
 
-def sensitivity(nodes: list[dict], write: Writer, feeds, reference: np.ndarray, scratch: Path) -> list[dict]:
+def sensitivity(src: Artifact, nodes: list[dict], cfg: QuantizeConfig, write: Writer, quantized: Path, feeds,
+                scratch: Path) -> list[dict]:
     """Per node: 1 - mean cosine(output with only this node in int8, fp32 output).
-    For small errors these roughly add up to 1 - the all-int8 agreement."""
+    For small errors these roughly add up to 1 - the all-int8 agreement.
+
+    simulated: one session instead of one quantization per node. The fp32 graph
+    gets a gate per node that switches its MatMul's inputs to the values ONNX
+    Runtime's int8 model (`quantized`) gives it: its dequantized weights, and its
+    activations through the same quantize/dequantize pair (DynamicQuantizeLinear,
+    or the calibrated QuantizeLinear). That is exact int8 arithmetic (it matches
+    onnx's reference evaluator on the int8 model to ~1e-7), as VNNI CPUs, ARM and
+    TensorRT compute it; ORT's u8s8 kernel on an AVX2 CPU without VNNI saturates
+    int16 sums and lands further from fp32, which only `onnxruntime` sees: each
+    node quantized alone by `write` and run here (also the path for nodes whose
+    int8 form is not recognised)."""
+    import onnxruntime as ort
+
     ids, mask = feeds
+    model, gates = onnx.load(str(src.model_file)), {}
+    if cfg.fallback.sensitivity == "simulated":
+        model, gates = switchable(model, onnx.load(str(quantized)), nodes, cfg.mode)
+    path = scratch / "switchable.onnx"
+    onnx.save(model, str(path))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    base = {k: v for k, v in {"input_ids": ids, "attention_mask": mask}.items() if k in names}
+    off = {g: np.zeros((), np.float32) for g in gates.values()}
+    reference = sess.run([ONNX_OUTPUT], {**base, **off})[0]
     one = scratch / "one-node.onnx"
     ranked = []
     for item in nodes:
-        write(one, only=[item["node"]])
-        ranked.append({**item, "sensitivity": max(0.0, 1.0 - _mean_cosine(run_onnx(one, ids, mask), reference))})
+        gate = gates.get(item["node"])
+        if gate is not None:
+            out = sess.run([ONNX_OUTPUT], {**base, **off, gate: np.ones((), np.float32)})[0]
+        else:
+            write(one, only=[item["node"]])
+            out = run_onnx(one, ids, mask)
+        ranked.append({**item, "sensitivity": max(0.0, 1.0 - _mean_cosine(out, reference)),
+                       "measured": "simulated" if gate is not None else "onnxruntime"})
     return sorted(ranked, key=lambda r: -r["sensitivity"])
+
+
+def switchable(model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: list[dict],
+               mode: str) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """`model` with a scalar float input per node (gate 1: the node sees its int8
+    values, gate 0: fp32), and {node: gate input}, for the nodes recognised in `quantized`."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    qinit = {t.name: t for t in quantized.graph.initializer}
+    qnodes = {n.name: n for n in quantized.graph.node}
+    qprod = {o: n for n in quantized.graph.node for o in n.output}
+    have = {t.name for t in graph.initializer}
+    wanted = {n["node"] for n in nodes}
+    gates: dict[str, str] = {}
+    body = []
+    for node in graph.node:
+        rounded = _int8_inputs(node, mode, qnodes, qprod, qinit) if node.name in wanted else None
+        if rounded:
+            gate = f"int8_gate_{len(gates)}"
+            gates[node.name] = gate
+            graph.input.append(helper.make_tensor_value_info(gate, onnx.TensorProto.FLOAT, []))
+            for k, how in rounded.items():
+                if k == "out":
+                    continue
+                t = node.input[k]
+                prefix = f"{gate}/in{k}"
+                if how[0] == "weight":
+                    graph.initializer.append(numpy_helper.from_array(how[1], f"{prefix}/rounded"))
+                    r = f"{prefix}/rounded"
+                elif how[0] == "dynamic":
+                    body += [helper.make_node("DynamicQuantizeLinear", [t], [f"{prefix}/q", f"{prefix}/s", f"{prefix}/z"]),
+                             helper.make_node("DequantizeLinear", [f"{prefix}/q", f"{prefix}/s", f"{prefix}/z"],
+                                              [f"{prefix}/rounded"])]
+                    r = f"{prefix}/rounded"
+                else:  # static: the calibrated QuantizeLinear and its DequantizeLinear, as in `quantized`
+                    qn, dq = how[1], how[2]
+                    for name in [*qn.input[1:], *dq.input[1:]]:
+                        if name not in have:
+                            graph.initializer.append(qinit[name])
+                            have.add(name)
+                    body += [helper.make_node("QuantizeLinear", [t, *qn.input[1:]], [f"{prefix}/q"]),
+                             helper.make_node("DequantizeLinear", [f"{prefix}/q", *dq.input[1:]], [f"{prefix}/rounded"])]
+                    body[-2].attribute.extend(qn.attribute)
+                    body[-1].attribute.extend(dq.attribute)
+                    r = f"{prefix}/rounded"
+                # x + gate * (rounded - x): exactly x at gate 0
+                body += [helper.make_node("Sub", [r, t], [f"{prefix}/delta"]),
+                         helper.make_node("Mul", [f"{prefix}/delta", gate], [f"{prefix}/gated"]),
+                         helper.make_node("Add", [t, f"{prefix}/gated"], [f"{prefix}/x"])]
+                node.input[k] = f"{prefix}/x"
+        body.append(node)
+        if rounded and "out" in rounded:  # static QDQ also rounds the product on its way out
+            qn, dq = rounded["out"][1], rounded["out"][2]
+            for name in [*qn.input[1:], *dq.input[1:]]:
+                if name not in have:
+                    graph.initializer.append(qinit[name])
+                    have.add(name)
+            t, prefix = node.output[0], f"{gates[node.name]}/out"
+            node.output[0] = f"{prefix}/raw"
+            body += [helper.make_node("QuantizeLinear", [f"{prefix}/raw", *qn.input[1:]], [f"{prefix}/q"]),
+                     helper.make_node("DequantizeLinear", [f"{prefix}/q", *dq.input[1:]], [f"{prefix}/rounded"]),
+                     helper.make_node("Sub", [f"{prefix}/rounded", f"{prefix}/raw"], [f"{prefix}/delta"]),
+                     helper.make_node("Mul", [f"{prefix}/delta", gates[node.name]], [f"{prefix}/gated"]),
+                     helper.make_node("Add", [f"{prefix}/raw", f"{prefix}/gated"], [t])]
+            body[-5].attribute.extend(qn.attribute)
+            body[-4].attribute.extend(dq.attribute)
+    del graph.node[:]
+    graph.node.extend(body)
+    return model, gates
+
+
+def _int8_inputs(node, mode: str, qnodes: dict, qprod: dict, qinit: dict) -> dict | None:
+    """{input index: how it is rounded in the int8 model} for one fp32 MatMul, or
+    None when its int8 form is not the one ONNX Runtime's quantizers write."""
+    from onnx import numpy_helper
+
+    def dequantize(q, scale, zero, axis: int = 1):
+        q, scale = numpy_helper.to_array(q).astype(np.float32), numpy_helper.to_array(scale)
+        zero = numpy_helper.to_array(zero).astype(np.float32) if zero is not None else np.zeros_like(scale)
+        shape = [1] * q.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        return ((q - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+
+    if mode == "dynamic":
+        # ORT writes `<name>_quant` = MatMulInteger(activation_quantized, weight_quantized, zps);
+        # its weight scale is `<weight>_scale`.
+        q = qnodes.get(node.name + "_quant")
+        if q is None or q.op_type != "MatMulInteger" or q.input[1] not in qinit:
+            return None
+        scale = qinit.get(q.input[1].removesuffix("_quantized") + "_scale")
+        if scale is None or len(q.input) < 4 or q.input[3] not in qinit:
+            return None
+        return {0: ("dynamic",), 1: ("weight", dequantize(qinit[q.input[1]], scale, qinit[q.input[3]], axis=1))}
+    q = qnodes.get(node.name)
+    if q is None or q.op_type != "MatMul":
+        return None
+    rounded = {}
+    for k, name in enumerate(q.input[:2]):
+        dq = qprod.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue  # this input stays float
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if dq.input[0] in qinit:
+            zero = qinit.get(dq.input[2]) if len(dq.input) > 2 else None
+            rounded[k] = ("weight", dequantize(qinit[dq.input[0]], qinit[dq.input[1]], zero, axis))
+        else:
+            qn = qprod.get(dq.input[0])
+            if qn is None or qn.op_type != "QuantizeLinear" or any(i not in qinit for i in [*qn.input[1:], *dq.input[1:]]):
+                return None
+            rounded[k] = ("static", qn, dq)
+    # ...and may quantize the product itself (QuantizeLinear -> DequantizeLinear on the output)
+    after = [n for n in qnodes.values() if q.output[0] in n.input]
+    if rounded and len(after) == 1 and after[0].op_type == "QuantizeLinear":
+        dq = [n for n in qnodes.values() if after[0].output[0] in n.input]
+        if len(dq) != 1 or dq[0].op_type != "DequantizeLinear" or \
+                any(i not in qinit for i in [*after[0].input[1:], *dq[0].input[1:]]):
+            return None
+        rounded["out"] = ("static", after[0], dq[0])
+    return rounded or None
 
 
 def fallback(src: Artifact, cfg: QuantizeConfig, ctx, write: Writer, model: Path, scratch: Path) -> dict:
@@ -264,7 +417,7 @@ def fallback(src: Artifact, cfg: QuantizeConfig, ctx, write: Writer, model: Path
     texts = list(ctx.calibration_texts) or list(ctx.validation_texts)
     feeds = _rows(src, tokenizer, texts, ctx.max_length, fb.rows)
     start = time.perf_counter()
-    ranked = sensitivity(nodes, write, feeds, run_onnx(src.model_file, *feeds), scratch)
+    ranked = sensitivity(src, nodes, cfg, write, model, feeds, scratch)
     seconds = time.perf_counter() - start
     log.info("quantize: sensitivity of %d nodes on %d rows in %.1fs; most sensitive %s (%.2e)", len(ranked),
              len(feeds[0]), seconds, ranked[0]["node"] if ranked else "-", ranked[0]["sensitivity"] if ranked else 0)

@@ -90,6 +90,7 @@ class FallbackConfig(Frozen):
     min_agreement: float = Field(0.99, gt=0, le=1, description="agreement: the lowest accepted mean cosine of the quantized model's outputs to fp32")
     max_fp32: int = Field(4, ge=0, description="Budget: at most this many MatMuls kept in fp32; when spent, the best candidate is kept and the gates decide")
     rows: int = Field(8, ge=1, description="Packed calibration rows each node's sensitivity is measured on")
+    sensitivity: Literal["simulated", "onnxruntime"] = Field("simulated", description="simulated: one session, exact int8 arithmetic (VNNI, ARM, TensorRT); onnxruntime: one int8 model per node run by this CPU's kernels (slower; includes AVX2 u8s8 saturation)")
 
 
 class QuantizeConfig(Frozen):

@@ -156,11 +156,11 @@ def _float_weight_matmuls(model) -> set[str]:
             and producer.get(n.input[0]) != "DequantizeLinear"}
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_fallback_keeps_the_planted_node_in_fp32(planted, tmp_path, mode):
+@pytest.mark.parametrize("mode,measure", [("dynamic", "simulated"), ("static", "simulated"), ("dynamic", "onnxruntime")])
+def test_fallback_keeps_the_planted_node_in_fp32(planted, tmp_path, mode, measure):
     from compress.recipe import FallbackConfig
 
-    cfg = QuantizeConfig(mode=mode, fallback=FallbackConfig(enabled=True, min_agreement=0.999, rows=2))
+    cfg = QuantizeConfig(mode=mode, fallback=FallbackConfig(enabled=True, min_agreement=0.999, rows=2, sensitivity=measure))
     art = quantize(planted, cfg, _fallback_ctx(tmp_path))
     model = onnx.load(str(art.model_file))
     onnx.checker.check_model(model, full_check=True)
@@ -168,6 +168,7 @@ def test_fallback_keeps_the_planted_node_in_fp32(planted, tmp_path, mode):
     ranked = fb["sensitivity"]
     # every weight MatMul is ranked (static also ranks the two attention products per layer)
     assert len(ranked) == 2 * 6 + (2 * 2 if mode == "static" else 0)
+    assert {r["measured"] for r in ranked} == {measure}
     assert ranked[0]["node"] == PLANTED and ranked[0]["layer"] == 1
     assert ranked[0]["sensitivity"] > 100 * ranked[1]["sensitivity"]
     # all-int8 failed the check, keeping exactly the planted node passed it
@@ -184,6 +185,43 @@ def test_fallback_keeps_the_planted_node_in_fp32(planted, tmp_path, mode):
     flops = art.meta["quantization"]["flops"]
     assert flops["int8"] == weights + (attention if mode == "static" else 0) - 2 * s * h * f
     assert flops["int8_share"] == flops["int8"] / (weights + attention)
+
+
+def test_simulated_int8_is_exact_int8_arithmetic(planted, tmp_path, mode="dynamic"):
+    """A gate of the switchable graph gives what onnx's reference evaluator
+    computes on ONNX Runtime's model with only that node in int8; shut gates
+    leave the fp32 output exactly. (Dynamic only: static QDQ rounds a tensor for
+    all its consumers, so ORT's "only this node" model also rounds its siblings'
+    and the residual's input; the gate rounds this node's input, weight and output.)"""
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+
+    from compress.export import random_inputs
+    from compress.quantize import int8_writer, quantizable_nodes, switchable
+
+    ctx = _fallback_ctx(tmp_path)
+    write, _ = int8_writer(planted, QuantizeConfig(mode=mode), ctx, tmp_path)
+    write(tmp_path / "all.onnx")
+    nodes = quantizable_nodes(planted.model_file, mode)
+    model, gates = switchable(onnx.load(str(planted.model_file)), onnx.load(str(tmp_path / "all.onnx")), nodes, mode)
+    assert set(gates) == {n["node"] for n in nodes}
+    onnx.checker.check_model(model, full_check=True)
+    def evaluator(m):
+        # onnx 1.23's reference evaluator implements DequantizeLinear from opset 19 only;
+        # nothing in this graph means anything else at 19
+        m.opset_import[0].version = max(m.opset_import[0].version, 19)
+        return ReferenceEvaluator(m)
+
+    ids, mask = random_inputs(30522, batch=2, seq=16)
+    feed = {"input_ids": ids, "attention_mask": mask, **{g: np.zeros((), np.float32) for g in gates.values()}}
+    sim = evaluator(model)
+    fp32 = evaluator(onnx.load(str(planted.model_file))).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    assert np.array_equal(sim.run(None, feed)[0], fp32)
+    for name in (PLANTED, "/layer.0/attention/self/value/MatMul"):
+        write(tmp_path / "one.onnx", only=[name])
+        int8 = evaluator(onnx.load(str(tmp_path / "one.onnx"))).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        got = sim.run(None, {**feed, gates[name]: np.ones((), np.float32)})[0]
+        assert np.abs(got - int8).max() < 1e-5 < np.abs(got - fp32).max(), name
 
 
 def test_fallback_budget_exhausted_is_recorded_not_raised(planted, tmp_path):
