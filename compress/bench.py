@@ -572,6 +572,7 @@ def run(
         results[model.name] = {
             "kind": model.kind,
             "latency_ms": _latency_summary(times_ns[model.name]),
+            "round_p50_ms": round_p50_ms[model.name],
             "throughput_per_s": throughput[model.name],
             "peak_rss_bytes": peak_rss[model.name],
             "size_bytes": size_bytes(model),

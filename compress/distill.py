@@ -3,7 +3,8 @@
 The student keeps a subset of the teacher's layers, initialised from them, and
 learns to reproduce the teacher's pooled embedding and the hidden state after
 each kept layer (relative MSE + cosine). Teacher targets are computed once per
-batch and reused across epochs; batches group inputs of similar length.
+input and kept in the teacher-output cache (compress/teacher_cache.py), reused
+across epochs, rebuilds and prune's recovery; batches group inputs of similar length.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Callable
 
 from compress.artifact import Artifact, copy_tokenizer, seal
 from compress.recipe import DistillConfig, PruneConfig
@@ -81,11 +83,15 @@ def no_dropout(model) -> None:
 
 
 def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg: DistillConfig,
-          progress, desc: str = "distill") -> dict:
+          progress, desc: str = "distill", after_step: Callable[[], None] | None = None, source=None) -> dict:
     """Feature distillation of `student` (in place) towards `teacher`.
 
     Student layer i learns the hidden state after teacher layer layers[i]
     (states[0] is the embeddings). Shared by distill and prune's recovery.
+    `after_step` runs after every optimizer step (prune re-applies its sparsity masks there).
+    Teacher targets come from `source` (a teacher_cache.TeacherSource): with a
+    cache root they are stored on disk and reused by later runs, which then
+    need no teacher model (teacher may be None) and run no teacher forward.
     """
     import torch
 
@@ -94,9 +100,7 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     no_dropout(student)
-    t_enc = make_sentence_encoder(teacher).eval()
     s_enc = make_sentence_encoder(student).train()
-    targets = [l + 1 for l in layers]
 
     encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
     batches = _batches([len(e) for e in encoded], cfg.batch_size)
@@ -114,7 +118,7 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     use_feature, use_attention = "feature" in cfg.losses, "attention" in cfg.losses
     pad_id = tokenizer.pad_token_id or 0
 
-    teacher_cache: dict[int, tuple] = {}
+    outputs = teacher_outputs(teacher, layers, encoded, pad_id, cfg, source, progress, desc)
     bar = progress(total=total, desc=desc)
     step, history = 0, []
     while step < total:
@@ -124,16 +128,7 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
             if step >= total:
                 break
             ids, mask = _pad([encoded[i] for i in batches[b]], pad_id)
-            if b not in teacher_cache:
-                with torch.inference_mode():
-                    _, t_pooled, t_states = t_enc.encode(ids, mask)
-                    t_rel = (relations(teacher.encoder.layer[layers[-1]], t_states[layers[-1]], mask,
-                                       cfg.relation_heads) if use_attention else ())
-                # fp16 halves the memory of the cached targets at no cost in signal
-                teacher_cache[b] = (t_pooled.half(), [t_states[j].half() for j in targets],
-                                    [r.half() for r in t_rel])
-            t_pooled, t_states, t_rel = (teacher_cache[b][0].float(), [t.float() for t in teacher_cache[b][1]],
-                                         [r.float() for r in teacher_cache[b][2]])
+            t_pooled, t_states, t_rel = outputs.batch(batches[b], ids.shape[1])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 _, s_pooled, s_states = s_enc.encode(ids, mask)
                 s_rel = (relations(student.encoder.layer[-1], s_states[-2], mask, cfg.relation_heads)
@@ -151,6 +146,8 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(s_enc.parameters(), 1.0)
             opt.step()
+            if after_step is not None:
+                after_step()
             sched.step()
             step += 1
             value = loss.item()
@@ -161,7 +158,46 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     head = sum(history[:20]) / max(len(history[:20]), 1)
     tail = sum(history[-20:]) / max(len(history[-20:]), 1)
     log.info("%s: %d steps, loss %.4f -> %.4f", desc, step, head, tail)
-    return {"steps": step, "loss_first": head, "loss_last": tail, "bf16": use_bf16}
+    return {"steps": step, "loss_first": head, "loss_last": tail, "bf16": use_bf16,
+            "teacher_forwards": outputs.forwards, "teacher_outputs": outputs.stats()}
+
+
+def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: DistillConfig, source, progress,
+                    desc: str):
+    """The teacher's targets for every input (teacher_cache.TeacherOutputs): the
+    pooled embedding, the hidden state after each teacher layer in `layers`, and
+    the last one's relations when the attention loss is on."""
+    import torch
+
+    from compress import teacher_cache
+    from compress.errors import CacheError
+    from compress.models import make_sentence_encoder
+
+    use_attention = "attention" in cfg.losses
+    targets = [l + 1 for l in layers]
+    settings = {"max_length": cfg.max_length, "states": targets, "dtype": "float16",
+                "relations": {"layer": layers[-1], "heads": cfg.relation_heads} if use_attention else None}
+
+    def runner():
+        model = teacher
+        if model is None and source is not None and source.load is not None:
+            model = source.load()
+        if model is None:
+            raise CacheError(f"{desc}: teacher outputs are not cached under {getattr(source, 'cache_root', None)} "
+                             "and no teacher model was given; pass the teacher model to distill.train()")
+        t_enc = make_sentence_encoder(model).eval()
+
+        def run(ids, mask):
+            with torch.inference_mode():
+                _, pooled, states = t_enc.encode(ids, mask)
+                rel = (relations(model.encoder.layer[layers[-1]], states[layers[-1]], mask, cfg.relation_heads)
+                       if use_attention else ())
+            return pooled, [states[j] for j in targets], list(rel)
+
+        return run
+
+    return teacher_cache.obtain(source, encoded, settings, pad_id, cfg.relation_heads if use_attention else 0,
+                                runner, progress, desc)
 
 
 def relations(layer, hidden, mask, heads: int):
@@ -204,6 +240,7 @@ def relation_loss(student_rel, teacher_rel, mask):
 def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     from compress.encoders import load_tokenizer
     from compress.models import count_params, derive_student, every_other_layer, load_hf_encoder
+    from compress.teacher_cache import TeacherSource
 
     from compress import prune as pruning
 
@@ -221,7 +258,8 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
                            PruneConfig(batch_size=cfg.batch_size, max_length=cfg.max_length))
         plan = pruning.make_plan(student, cfg.student.heads, cfg.student.ffn, "taylor")
         pruning.apply_plan(student, plan)
-    stats = train(student, teacher, layers, ctx.train_texts, tokenizer, cfg, ctx.progress)
+    source = TeacherSource(ctx.cache_root, src.digest)
+    stats = train(student, teacher, layers, ctx.train_texts, tokenizer, cfg, ctx.progress, source=source)
 
     student.save_pretrained(str(out), safe_serialization=True)
     if plan is not None:

@@ -27,8 +27,13 @@ log = logging.getLogger(__name__)
 
 EVAL_VERSION = 1
 CALIBRATION_SAMPLES = 256
-BENCH_VERSION = 1
+BENCH_VERSION = 2  # 2: the student's fp32 model is measured beside it
+FLOPS_VERSION = 1
 REFERENCE = "teacher-ort-int8"
+STUDENT_FP32 = "student-fp32"
+# quantize mode auto: a short in-run timing of the candidates on their target.
+CHOICE_RUNS = 60
+CHOICE_ROUNDS = 6
 
 
 def stage_function(name: str) -> tuple[Callable, int]:
@@ -82,6 +87,7 @@ class StageContext:
     # The build's gates on a candidate ONNX model (tokenizer beside the stage's
     # input): (passed, {"score": margin, >= 0 passes, ...}). None without gates.
     accept: Callable[[Path], tuple[bool, dict]] | None = None
+    cache_root: Path | None = None  # where stages keep reusable intermediates (teacher outputs); None: don't
 
 
 @dataclass
@@ -91,12 +97,16 @@ class StageRecord:
     artifact: Artifact
     cached: bool
     seconds: float
+    decision: dict | None = None  # quantize mode auto: what was measured and chosen
 
     def summary(self) -> dict:
-        return {"stage": self.name, "key": self.key, "digest": self.artifact.digest, "kind": self.artifact.kind,
-                "cached": self.cached, "seconds": round(self.seconds, 2), "path": str(self.artifact.path),
-                "size_bytes": self.artifact.size_bytes(),
-                "meta": {k: v for k, v in self.artifact.meta.items() if k not in ("path",)}}
+        out = {"stage": self.name, "key": self.key, "digest": self.artifact.digest, "kind": self.artifact.kind,
+               "cached": self.cached, "seconds": round(self.seconds, 2), "path": str(self.artifact.path),
+               "size_bytes": self.artifact.size_bytes(),
+               "meta": {k: v for k, v in self.artifact.meta.items() if k not in ("path",)}}
+        if self.decision is not None:
+            out["decision"] = self.decision
+        return out
 
 
 @dataclass
@@ -206,7 +216,8 @@ class Builder:
             ctx = StageContext(out=out, train_texts=self.inputs.train,
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
-                               teacher=self.teacher, calibration_texts=self.inputs.calibration, accept=accept)
+                               teacher=self.teacher, calibration_texts=self.inputs.calibration, accept=accept,
+                               cache_root=self.cache.root)
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
@@ -224,35 +235,32 @@ class Builder:
         self.teacher = sources.teacher_artifact(self.recipe.teacher.source, self.recipe.teacher.tokenizer,
                                                 self.cache, self.recipe.task)
         src = self.teacher
+        auto = None
         for name, cfg in plan:
             if name == "export" and src.kind == "onnx":
                 continue  # an ONNX teacher is already exported
-            fn, version = stage_function(name)
-            extra, accept = None, None
-            if name == "distill":  # reads the train inputs; its input artifact is the teacher
-                extra = {"train": self.inputs.digests["train"]}
-            elif name == "prune":  # reads the train inputs and the teacher beside its input
-                extra = {"train": self.inputs.digests["train"], "teacher": self.teacher.digest}
-            elif name == "quantize" and cfg.mode == "static":  # reads the calibration inputs
-                extra = {"calibration": self.inputs.digests["calibration"]}
-            if name == "quantize" and cfg.dtype == "int8" and cfg.fallback.enabled:
-                # sensitivity reads calibration rows, the agreement check held-out inputs,
-                # the retention check the gates, eval sets and the teacher's scores
-                extra = {**(extra or {}), "calibration": self.inputs.digests["calibration"],
-                         "heldout": self.inputs.digests["heldout"], "max_length": self.recipe.teacher.max_length}
-                if cfg.fallback.metric == "retention":
-                    extra.update(gates=self.recipe.gates.model_dump(mode="json"), teacher=self.teacher.digest,
-                                 eval={k: v for k, v in self.inputs.digests.items() if k.startswith("eval:")})
-                    accept = self.candidate_gates(src)
-            record = self.run_stage(name, fn, version, src, cfg, extra, accept=accept)
+            if name == "quantize" and cfg.mode == "auto" and cfg.dtype == "int8":  # fp16 has no modes
+                # Which mode is fastest depends on the target: each target measures its own.
+                assert name == plan[-1][0], "quantize must be the last stage for mode auto"
+                auto = cfg
+                continue
+            record = self.run_stage(name, *stage_function(name), src, cfg, self.stage_extra(name, cfg),
+                                    accept=self.stage_accept(name, cfg, src))
             self.records.append(record)
             src = record.artifact
 
         reports, target_records = [], []
         for tname, (mod, tcfg) in modules.items():
-            record = self.run_stage("target", mod.build, mod.VERSION, src, tcfg, label=f"target {tname}")
+            stages = list(self.records)
+            final_src = src
+            if auto is not None:
+                chosen = self.choose_quantization(auto, src, tname, mod, tcfg)
+                stages.append(chosen)
+                target_records.append(chosen)
+                final_src = chosen.artifact
+            record = self.run_stage("target", mod.build, mod.VERSION, final_src, tcfg, label=f"target {tname}")
             target_records.append(record)
-            reports.append(self.finish_target(tname, tcfg, record))
+            reports.append(self.finish_target(tname, tcfg, record, stages, mod))
         if all(r.cached for r in [*self.records, *target_records]):
             self.opts.echo("no stage work: every stage came from the cache")
         failed = [r for r in reports if r["gates"]["failed"]]
@@ -260,6 +268,79 @@ class Builder:
             msgs = "; ".join(f"{r['target']}: {m}" for r in failed for m in r["gates"]["failed"])
             raise GateFailed(f"gate failed: {msgs} (artifacts and report kept in {self.opts.out_root})")
         return reports
+
+    def stage_extra(self, name: str, cfg: Any) -> dict | None:
+        """What a stage reads besides its input artifact, for its cache key."""
+        if name == "distill":  # reads the train inputs; its input artifact is the teacher
+            return {"train": self.inputs.digests["train"]}
+        if name == "prune":  # reads the train inputs and the teacher beside its input
+            return {"train": self.inputs.digests["train"], "teacher": self.teacher.digest}
+        if name == "quantize" and cfg.dtype == "int8" and cfg.fallback.enabled:
+            # sensitivity reads calibration rows, the agreement check held-out inputs,
+            # the retention check the gates, eval sets and the teacher's scores
+            extra = {"calibration": self.inputs.digests["calibration"], "heldout": self.inputs.digests["heldout"],
+                     "max_length": self.recipe.teacher.max_length}
+            if cfg.fallback.metric == "retention":
+                extra.update(gates=self.recipe.gates.model_dump(mode="json"), teacher=self.teacher.digest,
+                             eval={k: v for k, v in self.inputs.digests.items() if k.startswith("eval:")})
+            return extra
+        if name == "quantize" and cfg.mode == "static":  # reads the calibration inputs
+            return {"calibration": self.inputs.digests["calibration"]}
+        return None
+
+    def stage_accept(self, name: str, cfg: Any, src: Artifact) -> Callable[[Path], tuple[bool, dict]] | None:
+        """The quantize fallback's retention check, when the recipe asks for it."""
+        if name == "quantize" and cfg.dtype == "int8" and cfg.fallback.enabled and cfg.fallback.metric == "retention":
+            return self.candidate_gates(src)
+        return None
+
+    def choose_quantization(self, cfg: QuantizeConfig, src: Artifact, tname: str, mod: Any, tcfg: Any) -> StageRecord:
+        """quantize mode auto: quantize in every candidate mode, build each for the
+        target, time them there (interleaved blocks, one session alive at a time)
+        and keep the fastest whose quality holds: it passes the recipe's gates and
+        keeps fidelity within max_fidelity_drop of the best candidate."""
+        from compress import bench
+        from compress import report as rep
+
+        fn, version = stage_function("quantize")
+        self.teacher_eval = self.evaluate(self.teacher, "teacher")
+        modes = list(dict.fromkeys(cfg.candidates))
+        records, builds = {}, {}
+        for mode in modes:
+            mcfg = cfg.model_copy(update={"mode": mode})
+            records[mode] = self.run_stage("quantize", fn, version, src, mcfg, self.stage_extra("quantize", mcfg),
+                                           accept=self.stage_accept("quantize", mcfg, src),
+                                           label=f"quantize ({mode} candidate)")
+            builds[mode] = self.run_stage("target", mod.build, mod.VERSION, records[mode].artifact, tcfg,
+                                          label=f"target {tname} ({mode} candidate)").artifact
+        quality = {m: self.quality(a, f"{tname} {m} candidate") for m, a in builds.items()}
+        b = self.recipe.bench
+        cond = bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=tcfg.threads, warmup=b.warmup,
+                                runs=CHOICE_RUNS, rounds=CHOICE_ROUNDS, measure_rss=False,
+                                vocab_size=src.meta.get("vocab_size", 30522))
+        first = modes[0]
+        models = [bench.BenchModel(m, "onnx", str(a.model_file)) for m, a in builds.items()]
+        key = make_key([(m, a.digest) for m, a in builds.items()], cond.__dict__, machine_fingerprint(), "choose", 1)
+        if len(models) > 1:
+            self.opts.echo(f"quantize: timing {', '.join(modes)} on target {tname}")
+            timing, _ = self.cache.json(key, lambda: bench.run(models, cond, reference=first))
+        else:
+            timing = None
+        ratios = {m: (1.0 if m == first else timing["ratios"][f"{m}/{first}"]["p50"]) if timing else None
+                  for m in modes}
+        table, chosen, reason = pick_quantization(
+            {m: {"p50_ms": timing["models"][m]["latency_ms"]["p50"] if timing else None, "ratio": ratios[m],
+                 "fidelity": quality[m]["fidelity"]["cosine"],
+                 "retention_min": min(quality[m]["retention"].values()) if quality[m]["retention"] else None,
+                 "gate_failures": rep.gates(self.recipe, quality[m])["failed"]} for m in modes},
+            cfg.max_fidelity_drop)
+        decision = {"candidates": table, "chosen": chosen, "reason": reason, "target": tname,
+                    "conditions": timing["conditions"] if timing else None}
+        timed = "; " + ", ".join(f"{m} p50 {table[m]['p50_ms']:.2f} ms" for m in modes) if timing else ""
+        self.opts.echo(f"quantize: chose {chosen} for {tname} ({reason}{timed})")
+        rec = records[chosen]
+        return StageRecord("quantize", rec.key, rec.artifact,
+                           all(r.cached for r in records.values()), sum(r.seconds for r in records.values()), decision)
 
     # -- eval ---------------------------------------------------------------
     def evaluate(self, art: Artifact, label: str) -> tuple[dict, Any]:
@@ -331,7 +412,7 @@ class Builder:
         # Optimum's dynamic avx512_vnni config: per-tensor int8 weights. Pinned here so
         # the reference does not move when compress's own defaults do.
         int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32,
-                              QuantizeConfig(per_channel=False, fallback=FallbackConfig(enabled=False)),
+                              QuantizeConfig(mode="dynamic", per_channel=False, fallback=FallbackConfig(enabled=False)),
                               label="reference: teacher dynamic int8").artifact
         tok = [str(t.path / n) for n in fp32.meta.get("tokenizer_files", [])]
         models.append(bench.BenchModel("teacher-ort-fp32", "onnx", str(optimized.model_file),
@@ -339,43 +420,123 @@ class Builder:
         models.append(bench.BenchModel(REFERENCE, "onnx", str(int8.model_file), (str(int8.model_file), *tok)))
         return models
 
-    def benchmark(self, final: Artifact) -> dict:
+    def benchmark(self, final: Artifact, fp32_build: Artifact | None = None) -> dict:
         from compress import bench
 
         b = self.recipe.bench
         cond = bench_conditions(b, final.meta.get("vocab_size", 30522))
         student = bench.BenchModel("student", "onnx", str(final.model_file), tuple(str(p) for p in final.files()))
-        models = [student] + (self.reference_models(b.threads) if b.teacher else [])
+        models = [student]
+        if fp32_build is not None:  # so the report can say when int8 is slower than fp32
+            models.append(bench.BenchModel(STUDENT_FP32, "onnx", str(fp32_build.model_file),
+                                           tuple(str(p) for p in fp32_build.files())))
+        models += self.reference_models(b.threads) if b.teacher else []
         reference = REFERENCE if b.teacher else None
         key = make_key(final.digest, [(m.name, m.kind, _file_digest(m.path)) for m in models], b.model_dump(),
                        machine_fingerprint(), BENCH_VERSION)
 
         def make() -> dict:
             self.opts.echo(f"bench: {len(models)} models, {b.runs} timed runs each")
-            return bench.run(models, cond, reference=reference, progress=lambda m: log.info("bench: %s", m))
+            result = bench.run(models, cond, reference=reference, progress=lambda m: log.info("bench: %s", m))
+            if fp32_build is not None:
+                result["ratios"].update(fp32_ratio(result))
+            return result
 
         result, hit = self.cache.json(key, make)
         if hit:
             self.opts.echo("bench: cached (same models, conditions and machine)")
         return result
 
+    # -- compute -----------------------------------------------------------------
+    def compute_stats(self, final: Artifact) -> dict:
+        """Matrix-product FLOPs of one forward at the bench point, of the teacher
+        and the student, both counted on their ONNX graphs (compress/graphstats.py)
+        so the two figures are comparable; the student's graph is the last stage's,
+        before the target's runtime fuses MatMuls into ops the count does not know."""
+        from compress.export import VERSION as export_version, export
+        from compress.graphstats import matmul_flops
+
+        b = self.recipe.bench
+        student = next((r.artifact for r in reversed(self.records) if r.artifact.kind == "onnx"), final)
+        teacher = self.teacher
+        if teacher.kind == "torch":  # the same cached export the bench reference uses
+            teacher = self.run_stage("export", export, export_version, teacher, ExportConfig(),
+                                     label="reference: teacher export").artifact
+
+        def flops(art: Artifact) -> int:
+            key = make_key(art.digest, "flops", b.batch, b.seq_len, FLOPS_VERSION)
+            counted, _ = self.cache.json(key, lambda: matmul_flops(art.model_file, b.batch, b.seq_len))
+            return counted["int8"] + counted["float"]
+
+        return {"batch": b.batch, "seq_len": b.seq_len, "teacher_flops": flops(teacher), "student_flops": flops(student)}
+
     # -- per target -------------------------------------------------------------
-    def finish_target(self, tname: str, tcfg: Any, record: StageRecord) -> dict:
+    def finish_target(self, tname: str, tcfg: Any, record: StageRecord, records: list[StageRecord], mod: Any) -> dict:
         from compress import report as rep
 
         final = record.artifact
         self.teacher_eval = self.evaluate(self.teacher, "teacher")
         stages = []
-        for r in [*self.records, record]:
+        for r in [*records, record]:
             summary = r.summary()
             summary["quality"] = self.quality(r.artifact, r.name)
             stages.append(summary)
-        bench_result = self.benchmark(final) if self.opts.bench else None
+        # The same student in fp32 through the same target build: the yardstick for
+        # "did quantization keep the runtime's fusions, and is int8 really faster".
+        fp32_build, warnings = None, []
+        fp32_src = next((r.artifact for r in reversed(records)
+                         if r.artifact.kind == "onnx" and r.artifact.meta.get("precision") == "fp32"), None)
+        if final.meta.get("precision") == "int8" and fp32_src is not None:
+            fp32_build = self.run_stage("target", mod.build, mod.VERSION, fp32_src, tcfg,
+                                        label=f"target {tname} (fp32, for comparison)").artifact
+            if hasattr(mod, "compare_graphs") and "graph" in final.meta and "graph" in fp32_build.meta:
+                warnings += mod.compare_graphs(final.meta["graph"], fp32_build.meta["graph"])
+        bench_result = self.benchmark(final, fp32_build) if self.opts.bench else None
+        slower = (bench_result or {}).get("ratios", {}).get(f"student/{STUDENT_FP32}")
+        if slower and slower["p50"] > 1.0:
+            warnings.insert(0, f"the int8 build is SLOWER than its fp32 model: p50 ratio {slower['p50']:.2f} "
+                               f"(spread {slower['spread'][0]:.2f}-{slower['spread'][1]:.2f}); "
+                               "try quantize.mode: dynamic or drop the quantize stage")
+        for w in warnings:
+            self.opts.echo(f"WARNING {tname}: {w}")
         report = rep.make_report(self.recipe, tname, tcfg, self.teacher, self.teacher_eval[0], stages,
-                                 bench_result, self.inputs)
+                                 bench_result, self.inputs, warnings, compute=self.compute_stats(final))
         rep.write_build(self.opts.out_root, tname, final, report, rep.provenance(self.recipe, self.teacher, self.inputs, final))
         self.opts.echo(rep.one_line(report, self.opts.out_root / tname))
         return report
+
+
+def pick_quantization(candidates: dict[str, dict], max_fidelity_drop: float) -> tuple[dict, str, str]:
+    """The fastest candidate (lowest `ratio`) among those that pass the gates and
+    keep fidelity within max_fidelity_drop of the best; if none does, the one with
+    the highest fidelity (the gates then fail the build). Returns (table, chosen, reason)."""
+    best = max(c["fidelity"] for c in candidates.values())
+    table = {}
+    for mode, c in candidates.items():
+        close = c["fidelity"] >= best - max_fidelity_drop
+        why = "; ".join(c["gate_failures"]) or (None if close else
+              f"fidelity {c['fidelity']:.3f} is more than {max_fidelity_drop} below the best candidate's {best:.3f}")
+        table[mode] = {**{k: v for k, v in c.items() if k != "gate_failures"},
+                       "eligible": not c["gate_failures"] and close, "why_not": why}
+    eligible = [m for m in candidates if table[m]["eligible"]]
+    if not eligible:
+        return table, max(candidates, key=lambda m: table[m]["fidelity"]), \
+            "no candidate keeps quality; kept the one with the highest fidelity"
+    timed = all(table[m]["ratio"] is not None for m in eligible)
+    chosen = min(eligible, key=lambda m: table[m]["ratio"]) if timed else eligible[0]
+    if len(eligible) == 1:
+        return table, chosen, "the only candidate that keeps quality"
+    return table, chosen, "fastest of the candidates that keep quality"
+
+
+def fp32_ratio(result: dict) -> dict:
+    """student / student-fp32 from a result that measured both (in the same blocks)."""
+    import statistics
+
+    mine, theirs = result["models"]["student"], result["models"][STUDENT_FP32]
+    per_round = [a / b for a, b in zip(mine["round_p50_ms"], theirs["round_p50_ms"])]
+    return {f"student/{STUDENT_FP32}": {"p50": statistics.median(per_round), "spread": [min(per_round), max(per_round)],
+                                        "throughput": mine["throughput_per_s"] / theirs["throughput_per_s"]}}
 
 
 def bench_conditions(b, vocab_size: int, runs: int | None = None, rss: bool | None = None):

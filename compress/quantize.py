@@ -52,6 +52,9 @@ def run_onnx(path, ids, mask, threads: int = 2):
 
 
 def quantize(src: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
+    if cfg.dtype == "int8" and cfg.mode == "auto":
+        raise StageError("quantize: mode auto is resolved by the build (it times every candidate on the target); "
+                         "call the stage with mode dynamic or static")
     out = ctx.out
     for name in src.meta.get("tokenizer_files", []):
         shutil.copyfile(src.path / name, out / name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from compress.errors import RecipeError
 
@@ -63,7 +63,43 @@ class DistillConfig(Frozen):
     pooled_weight: float = Field(1.0, ge=0, description="Weight of the pooled-embedding loss")
     hidden_weight: float = Field(1.0, ge=0, description="Weight of the per-layer hidden-state loss")
     bf16: bool = Field(True, description="Train under bf16 autocast when the CPU supports it (about 3x faster here)")
+    teacher_topk: int = Field(64, ge=1, description="Language-model teachers (planned task causal-lm): logits kept per position in the teacher-output cache, as fp16 values + int32 token ids")
     seed: int = Field(0, description="Seed for initialisation order, shuffling and dropout")
+
+
+class LmDistillConfig(Frozen):
+    """Distillation of a causal LM (task causal-lm); compress/lm_distill.py."""
+
+    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last)")
+    losses: list[Literal["logit", "on_policy"]] = Field(["logit"], min_length=1, description="logit: KL(teacher || student) at every token of the train texts (off-policy); on_policy: GKD, the divergence on continuations the student samples from prompts")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the losses (logit KL is scaled by T^2)")
+    beta: float = Field(0.9, ge=0, le=1, description="on_policy divergence: 0 forward KL, 1 reverse KL, between the generalized JSD(beta); 0.9 leans to the mode-seeking reverse KL")
+    lmbda: float = Field(1.0, ge=0, le=1, description="on_policy: share of batches on student-generated continuations; the rest use the train texts (GKD's lambda)")
+    max_new_tokens: int = Field(32, ge=1, description="on_policy: tokens the student samples after each prompt")
+    sample_temperature: float = Field(1.0, ge=0, description="on_policy: sampling temperature of the student (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="on_policy: nucleus sampling mass (1: the whole vocabulary)")
+    prompt_tokens: int = Field(16, ge=1, description="on_policy: prompts are the first this many tokens of train texts (shorter texts are not used as prompts)")
+    hard_label_weight: float = Field(0.0, ge=0, description="Weight of next-token cross entropy on the train texts, added to the logit loss")
+    max_length: int = Field(128, ge=8, description="Train texts are truncated to this many tokens")
+    epochs: int = Field(2, ge=1, description="Passes over the train texts")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(16, ge=1, description="Texts (or prompts) per optimizer step")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup: float = Field(0.06, ge=0, lt=1, description="Share of steps for linear warm-up")
+    seed: int = Field(0, description="Seed for shuffling, the on/off-policy draw and sampling")
+class SparsityConfig(Frozen):
+    pattern: Literal["none", "unstructured", "2:4"] = Field("none", description="Zeros in the encoder's Linear weights after structured pruning: none; unstructured (smallest |w| per Linear); 2:4 (at most 2 nonzero in every 4 consecutive inputs, for sparse tensor cores); quote it in YAML: '2:4'")
+    amount: float = Field(0.5, ge=0, lt=1, description="unstructured: share of each selected Linear's weights set to zero")
+    linears: list[Literal["attention", "attention_output", "ffn_in", "ffn_out"]] = Field(
+        ["attention", "attention_output", "ffn_in", "ffn_out"], min_length=1,
+        description="Which Linears are sparsified: attention (Q, K, V projections), attention_output, ffn_in, ffn_out")
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def sexagesimal(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads an unquoted 2:4 as the base-60 integer 124.
+        return "2:4" if value == 124 else value
 
 
 class PruneConfig(Frozen):
@@ -76,6 +112,17 @@ class PruneConfig(Frozen):
     max_length: int = Field(128, ge=8, description="Inputs are truncated to this many tokens")
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate of the recovery")
     seed: int = Field(0, description="Seed of the recovery")
+    layers: StrictInt | list[StrictInt] | None = Field(None, description="Whole student layers removed first: a count (those whose skipping raises the distillation loss least) or a list of student layer indices; default none")
+    sparsity: SparsityConfig = Field(SparsityConfig(), description="Zeroed weights in the Linears, kept through recovery and exported as zeros; needs sparse kernels on the target to run faster")
+
+    @field_validator("layers")
+    @classmethod
+    def layers_valid(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be a count >= 0 or a list of student layer indices")
+        if isinstance(value, list) and (any(i < 0 for i in value) or len(set(value)) != len(value)):
+            raise ValueError("must list distinct student layer indices >= 0")
+        return value
 
 
 class ExportConfig(Frozen):
@@ -95,7 +142,9 @@ class FallbackConfig(Frozen):
 
 class QuantizeConfig(Frozen):
     dtype: Literal["int8", "fp16"] = Field("int8", description="int8 (CPU, ARM, TensorRT) or fp16 (GPU targets; weights and activations in half precision, io stays fp32)")
-    mode: Literal["dynamic", "static"] = Field("dynamic", description="dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration")
+    mode: Literal["auto", "dynamic", "static"] = Field("auto", description="auto: build every mode in `candidates` and keep the fastest on the target that keeps quality; dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration")
+    candidates: list[Literal["dynamic", "static"]] = Field(["dynamic", "static"], min_length=1, description="auto: the modes tried, each built for the target and timed there")
+    max_fidelity_drop: float = Field(0.01, ge=0, le=1, description="auto: a candidate may lose at most this much fidelity (mean cosine to the teacher) against the best candidate")
     per_channel: bool = Field(True, description="One scale per output channel instead of per tensor (keeps ~0.015 more fidelity on MiniLM at no measurable cost)")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("percentile", description="static: how activation ranges are chosen from calibration data")
     percentile: float = Field(99.99, gt=90, le=100, description="static + percentile: the share of activation values the range covers")
@@ -107,6 +156,8 @@ class QuantizeConfig(Frozen):
         if self.dtype != "int8" and self.fallback.enabled:
             raise ValueError(f"fallback applies to dtype int8, got dtype {self.dtype}; set fallback.enabled: false or dtype: int8")
         return self
+
+
 
 
 STAGE_CONFIGS: dict[str, type[Frozen]] = {

@@ -44,15 +44,38 @@ def gates(recipe, final_quality: dict) -> dict:
     return {"retention": g.retention, "fidelity": g.fidelity, "failed": failed, "passed": not failed}
 
 
+def compute_summary(teacher_params: int | None, student_params: int | None, counted: dict | None) -> dict | None:
+    """Parameters and FLOPs (matrix products of one forward at the bench point) of
+    teacher and student, and student / teacher for each."""
+    if not counted:
+        return None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    return {"at": {"batch": counted["batch"], "seq_len": counted["seq_len"]},
+            "counted": "matrix products (MatMul family) in the ONNX graph",
+            "teacher": {"params": teacher_params, "flops": counted["teacher_flops"]},
+            "student": {"params": student_params, "flops": counted["student_flops"]},
+            "params_ratio": ratio(student_params, teacher_params),
+            "flops_ratio": ratio(counted["student_flops"], counted["teacher_flops"])}
+
+
 def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: dict, stages: list[dict],
-                bench: dict | None, inputs) -> dict:
+                bench: dict | None, inputs, warnings: list[str] | None = None, compute: dict | None = None) -> dict:
     final = stages[-1]
+    teacher_params, student_params = final["meta"].get("teacher_params"), final["meta"].get("params")
+    compute = compute_summary(teacher_params, student_params, compute)
     summary = {
         "retention": final["quality"]["retention"],
         "retention_min": min(final["quality"]["retention"].values()) if final["quality"]["retention"] else None,
         "fidelity": final["quality"]["fidelity"],
         "size_bytes": final["size_bytes"],
         "int8_flop_share": final["meta"].get("quantization", {}).get("flops", {}).get("int8_share"),
+        "graph": final["meta"].get("graph"),
+        "warnings": list(warnings or []),
+        "sparsity": _sparsity_summary(stages),
+        "compute": compute,
     }
     if bench:
         summary["latency_p50_ms"] = bench["models"]["student"]["latency_ms"]["p50"]
@@ -66,15 +89,30 @@ def make_report(recipe, target: str, tcfg, teacher: Artifact, teacher_metrics: d
         "versions": _versions(),
         "recipe": recipe.model_dump(mode="json", exclude_none=True),
         "teacher": {"source": recipe.teacher.source, "digest": teacher.digest, "kind": teacher.kind,
-                    "metrics": teacher_metrics, "params": final["meta"].get("teacher_params")},
+                    "metrics": teacher_metrics, "params": teacher_params,
+                    "flops": compute["teacher"]["flops"] if compute else None},
         "data": {"train_inputs": len(inputs.train), "heldout_inputs": len(inputs.heldout),
                  "digests": inputs.digests},
         "stages": stages,
-        "final": {"digest": final["digest"], "model_sha256": None, "params": final["meta"].get("params")},
+        "final": {"digest": final["digest"], "model_sha256": None, "params": student_params,
+                  "flops": compute["student"]["flops"] if compute else None},
         "summary": summary,
         "bench": bench,
         "gates": gates(recipe, final["quality"]),
     }
+
+
+def sparsity_of(stages: list[dict]) -> dict | None:
+    """The prune stage's sparsity meta (zeros measured on its weights), when it made any."""
+    for st in stages:
+        if st["stage"] == "prune" and st["meta"].get("sparsity"):
+            return st["meta"]["sparsity"]
+    return None
+
+
+def _sparsity_summary(stages: list[dict]) -> dict | None:
+    sp = sparsity_of(stages)
+    return None if sp is None else {"pattern": sp["pattern"], "zero_share": sp["zero_share"], "speedup": sp["speedup"]}
 
 
 def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
@@ -169,6 +207,26 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _count(n: int | None, unit: str = "") -> str:
+    if n is None:
+        return "?"
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{' ' if unit else ''}{prefix}{unit}"
+    return f"{n}{' ' if unit else ''}{unit}"
+
+
+def compute_line(compute: dict | None) -> str | None:
+    """e.g. 'student 16.1M params, 1.1 GFLOP vs teacher 22.7M params, 2.9 GFLOP (0.38x FLOPs, 0.71x params)'."""
+    if not compute:
+        return None
+    s, t = compute["student"], compute["teacher"]
+    ratios = [f"{compute['flops_ratio']:.2f}x FLOPs" if compute["flops_ratio"] is not None else None,
+              f"{compute['params_ratio']:.2f}x params" if compute["params_ratio"] is not None else None]
+    return (f"student {_count(s['params'])} params, {_count(s['flops'], 'FLOP')} vs teacher {_count(t['params'])} params, "
+            f"{_count(t['flops'], 'FLOP')} ({', '.join(r for r in ratios if r)})")
+
+
 def one_line(report: dict, where: Path | str) -> str:
     s = report["summary"]
     parts = [f"{where}: retention min {_pct(s['retention_min'])}",
@@ -180,7 +238,29 @@ def one_line(report: dict, where: Path | str) -> str:
         if ref:
             parts.append(f"{ref['p50']:.2f}x the teacher's ORT int8 p50")
     parts.append("gates " + ("passed" if report["gates"]["passed"] else "FAILED"))
+    warnings = s.get("warnings") or []
+    if warnings:
+        parts.append(f"{len(warnings)} WARNING{'S' if len(warnings) > 1 else ''} (see report.md)")
     return ", ".join(parts)
+
+
+def _compute_md(compute: dict | None) -> list[str]:
+    if not compute:
+        return []
+    at = compute["at"]
+    return [f"Compute: {compute_line(compute)}; FLOPs of one forward at batch {at['batch']}, sequence {at['seq_len']}, "
+            f"counted as {compute['counted']}.", ""]
+
+
+def _teacher_passes(stages: list[dict]) -> list[str]:
+    """How many teacher forward batches each distilling stage ran (0: its outputs came from the cache)."""
+    parts = []
+    for st in stages:
+        stats = st["meta"] if "teacher_forwards" in st["meta"] else st["meta"].get("recovery") or {}
+        if "teacher_forwards" in stats and st["stage"] in ("distill", "prune"):
+            cached = (stats.get("teacher_outputs") or {}).get("cached")
+            parts.append(f"{st['stage']} {stats['teacher_forwards']}" + (" (outputs cached)" if cached else ""))
+    return [f"Teacher forward batches: {', '.join(parts)}.", ""] if parts else []
 
 
 def markdown(report: dict) -> str:
@@ -189,7 +269,11 @@ def markdown(report: dict) -> str:
     lines = [f"# compress build: {report['target']}", "",
              f"Teacher `{report['teacher']['source']}` ({report['teacher']['params'] or '?'} params) -> "
              f"student ({report['final']['params'] or '?'} params), task {report['task']}.", "",
-             "## Quality per stage", "",
+             *_compute_md(s.get("compute")),
+             *_teacher_passes(report["stages"])]
+    if s.get("warnings"):
+        lines += ["## WARNINGS", ""] + [f"- **{w}**" for w in s["warnings"]] + [""]
+    lines += ["## Quality per stage", "",
              "Retention = metric(artifact) / metric(teacher), measured on each artifact as its runtime runs it. "
              "Fidelity = mean cosine to the teacher's embeddings on held-out inputs; top-10 = neighbour agreement.", ""]
     names = list(report["teacher"]["metrics"])
@@ -236,8 +320,46 @@ def markdown(report: dict) -> str:
                       f"Most sensitive MatMuls (1 - cosine to fp32 with only that node in int8): {top}.", "",
                       f"Kept in fp32: {kept} (fallback {fb['status']}: {fb['metric']} check, "
                       f"{len(fb['steps']) - 1} step(s), budget {fb['max_fp32']}); their latency cost is in the benchmark."]
+    for st in report["stages"]:
+        if "decision" in st:
+            lines += ["", "## Quantization mode, chosen by measurement on the target", "", decision_table(st["decision"])]
+    graph = s.get("graph")
+    if graph:
+        fused = ", ".join(f"{k} {v}" for k, v in graph["fused"].items())
+        unfused = ", ".join(f"{k} {v}" for k, v in graph["unfused"].items() if v)
+        lines += ["", "## Target graph", "",
+                  f"After the runtime's optimizations: {graph['int8_kernels']} integer kernels, "
+                  f"{len(graph['float_weight_matmuls'])} weight matrix products in float, "
+                  f"{len(graph['qdq_float_matmuls'])} QDQ matrix products left unfused; fused ops: {fused}"
+                  + (f"; ops a fusion would absorb, still present: {unfused}" if unfused else "") + "."]
+    sp = sparsity_of(report["stages"])
+    if sp is not None:
+        # meta.json is written with sorted keys; show the Linears in the order they run
+        order = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
+        names = [n for n in order if sp["layers"] and n in sp["layers"][0]]
+        lines += ["", "## Sparsity", "",
+                  f"Pattern {sp['pattern']} on {', '.join(sp['linears'])}: {sp['zero_share']:.1%} of those weights are "
+                  "zero (measured on the prune stage's weights; share of zeros per Linear below).", "",
+                  f"Speedup: {sp['speedup']}.", "",
+                  "| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, row in enumerate(sp["layers"]):
+            lines.append(f"| {i} | " + " | ".join(f"{row[n]:.1%}" for n in names) + " |")
     g = report["gates"]
     lines += ["", "## Gates", "",
               f"retention >= {g['retention']}, fidelity >= {g['fidelity']}: " + ("passed" if g["passed"] else "FAILED: " + "; ".join(g["failed"])),
               "", f"Final model sha256 `{report['final']['model_sha256']}`."]
     return "\n".join(lines) + "\n"
+
+
+def decision_table(decision: dict) -> str:
+    cands = decision["candidates"]
+    first = next(iter(cands))
+    rows = ["| mode | p50 ms | p50 ratio to " + first + " | fidelity | retention min | kept quality |",
+            "|---|---|---|---|---|---|"]
+    for mode, c in cands.items():
+        p50, ratio = c["p50_ms"], c["ratio"]
+        rows.append(f"| {mode}{' (chosen)' if mode == decision['chosen'] else ''} | "
+                    f"{'n/a' if p50 is None else f'{p50:.2f}'} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
+                    f"{c['fidelity']:.3f} | {_pct(c['retention_min'])} | "
+                    f"{'yes' if c['eligible'] else 'no: ' + (c['why_not'] or '')} |")
+    return "\n".join(rows) + f"\n\nChosen: {decision['chosen']} ({decision['reason']})."

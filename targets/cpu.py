@@ -17,7 +17,7 @@ from compress.errors import TargetError
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: meta records the optimized graph's kernels and fusions
 
 SUPPORTS = {
     "runtime": "onnxruntime (CPUExecutionProvider)",
@@ -27,6 +27,20 @@ SUPPORTS = {
 }
 
 LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+# What ONNX Runtime's CPU graph says after optimization. Integer kernels mean
+# the int8 work really runs in int8; fused ops mean the transformer fusions
+# happened; the op types that a fusion absorbs, still present, mean it did not.
+INT8_KERNELS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "QAttention",
+                "QGemm", "QLinearConv", "ConvInteger")
+FUSED = {
+    "attention": ("Attention", "MultiHeadAttention", "QAttention", "GroupQueryAttention"),
+    "layernorm": ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+                  "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization"),
+    "gelu": ("Gelu", "BiasGelu", "FastGelu", "QuickGelu"),
+}
+UNFUSED = {"attention": ("Softmax",), "layernorm": ("ReduceMean",), "gelu": ("Erf", "Tanh")}
+FLOAT_MATMULS = ("MatMul", "FusedMatMul", "Gemm")
 
 
 def check(cfg, precision: str) -> None:
@@ -50,6 +64,51 @@ def session_options(cfg) -> dict:
         "execution_mode": "ORT_SEQUENTIAL",
         "providers": ["CPUExecutionProvider"],
     }
+
+
+def graph_check(path) -> dict:
+    """Kernels and fusions of an optimized ONNX Runtime graph (see INT8_KERNELS, FUSED)."""
+    import collections
+
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    weights = {t.name for t in graph.initializer}
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    ops = collections.Counter(node.op_type for node in graph.node)
+    float_weight, qdq_float = [], []
+    for node in graph.node:
+        if node.op_type not in FLOAT_MATMULS:
+            continue
+        if any(i in weights for i in node.input[:2]):
+            float_weight.append(node.name)  # a projection that runs in float
+        elif any(producer.get(i) == "DequantizeLinear" for i in node.input[:2]):
+            qdq_float.append(node.name)  # QDQ that ORT did not turn into an integer kernel
+    return {
+        "ops": dict(sorted(ops.items())),
+        "int8_kernels": sum(ops[o] for o in INT8_KERNELS),
+        "float_weight_matmuls": float_weight,
+        "qdq_float_matmuls": qdq_float,
+        "fused": {k: sum(ops[o] for o in v) for k, v in FUSED.items()},
+        "unfused": {k: sum(ops[o] for o in v) for k, v in UNFUSED.items()},
+    }
+
+
+def compare_graphs(quantized: dict, fp32: dict) -> list[str]:
+    """Warnings about a quantized build's graph, against the same model in fp32
+    through the same optimizations: int8 that does not run in int8, and fusions
+    that quantization broke (the usual reason an int8 build is slower than fp32)."""
+    warnings = []
+    if quantized["int8_kernels"] == 0:
+        warnings.append("the int8 build has no integer kernel after ONNX Runtime's optimizations: it runs in float")
+    if quantized["qdq_float_matmuls"]:
+        warnings.append(f"{len(quantized['qdq_float_matmuls'])} QDQ matrix products were not fused into integer "
+                        "kernels (ONNX Runtime dequantizes and runs them in fp32)")
+    for kind, count in fp32["fused"].items():
+        lost = count - quantized["fused"].get(kind, 0)
+        if lost > 0:
+            warnings.append(f"quantization broke {lost} of {count} {kind} fusions that the fp32 model gets")
+    return warnings
 
 
 def build(src: Artifact, cfg, ctx) -> Artifact:
@@ -82,4 +141,5 @@ def build(src: Artifact, cfg, ctx) -> Artifact:
                           f"{agreement['mean_cosine']:.4f}); set targets.cpu.optimization: extended")
     return seal(out, "onnx", {**src.meta, "parent": src.digest, "target": "cpu",
                               "session_options": options, "optimization": LEVELS[cfg.optimization],
-                              "onnxruntime": ort.__version__, "agreement_random": agreement})
+                              "onnxruntime": ort.__version__, "agreement_random": agreement,
+                              "graph": graph_check(out / "model.onnx")})

@@ -60,12 +60,17 @@ def test_distilled_student_is_closer_to_teacher_than_undistilled(distilled, tiny
 
 
 def test_distill_is_deterministic(tiny_teacher, tmp_path):
+    """Also when the second run reads the teacher's outputs from the cache (and runs no teacher forward)."""
     src = teacher_artifact(tiny_teacher)
     cfg = DistillConfig(max_steps=6, batch_size=16, max_length=32)
     train = make_texts(120)
-    a = distill(src, cfg, context(tmp_path / "a", train))
-    b = distill(src, cfg, context(tmp_path / "b", train))
+    ctx_a, ctx_b = context(tmp_path / "a", train), context(tmp_path / "b", train)
+    ctx_a.cache_root = ctx_b.cache_root = tmp_path / "cache"
+    a = distill(src, cfg, ctx_a)
+    b = distill(src, cfg, ctx_b)
     assert a.digest == b.digest
+    assert a.meta["teacher_forwards"] == 4 and b.meta["teacher_forwards"] == 0  # 120 inputs, teacher batches of 32
+    assert b.meta["teacher_outputs"]["cached"] and b.meta["teacher_outputs"]["bytes"] > 0
 
 
 def test_distill_rejects_bad_layers(tiny_teacher, tmp_path):

@@ -48,8 +48,19 @@ def test_build_writes_a_complete_report(project):
     for s in rep["stages"]:
         assert set(s["quality"]["retention"]) == {"pairs"}
         assert -1 <= s["quality"]["fidelity"]["cosine"] <= 1
-    assert set(rep["bench"]["models"]) == {"student", "teacher-torch-fp32", "teacher-ort-fp32", "teacher-ort-int8"}
-    assert "student/teacher-ort-int8" in rep["bench"]["ratios"]
+    assert set(rep["bench"]["models"]) == {"student", "student-fp32", "teacher-torch-fp32", "teacher-ort-fp32",
+                                           "teacher-ort-int8"}
+    assert {"student/teacher-ort-int8", "student/student-fp32"} <= set(rep["bench"]["ratios"])
+    # quantize mode auto: both modes built for the target, timed there, one kept
+    decision = rep["stages"][2]["decision"]
+    assert set(decision["candidates"]) == {"dynamic", "static"} and decision["target"] == "cpu"
+    assert decision["chosen"] == rep["stages"][2]["meta"]["quantization"]["mode"]
+    assert all(c["p50_ms"] > 0 and -1 <= c["fidelity"] <= 1 for c in decision["candidates"].values())
+    assert "## Quantization mode, chosen by measurement" in (out / "report.md").read_text()
+    # the target graph really runs integer kernels and kept the fp32 model's fusions
+    graph = rep["summary"]["graph"]
+    assert graph["int8_kernels"] > 0 and not graph["qdq_float_matmuls"]
+    assert not [w for w in rep["summary"]["warnings"] if "fusion" in w], rep["summary"]["warnings"]
     assert rep["bench"]["conditions"]["seq_len"] == 128 and rep["bench"]["conditions"]["threads"] == 2
     assert rep["gates"]["passed"] is True
     for name in ("model.onnx", "tokenizer.json", "session_options.json", "report.md", "provenance.json"):
@@ -101,7 +112,10 @@ def test_killed_builds_resume_to_the_same_model(project, tmp_path):
     assert not list((d / "build").glob(".cpu.*")), "a killed build's temporary directory was left behind"
     assert list((d / ".compress" / "cache" / "tmp").iterdir()) == []
     for entry in (d / ".compress" / "cache").iterdir():
-        if entry.name not in ("tmp", "locks"):
+        if entry.name == "teacher-outputs":  # distill's teacher outputs: a cache of their own, same rules
+            assert list((entry / "tmp").iterdir()) == []
+            assert all((e / "meta.json").is_file() for e in entry.iterdir() if e.name not in ("tmp", "locks"))
+        elif entry.name not in ("tmp", "locks"):
             assert (entry / "meta.json").is_file()
 
 
@@ -215,3 +229,24 @@ def test_prune_stage_in_a_build(project, tmp_path):
     prune_meta = rep["stages"][1]["meta"]
     assert prune_meta["params"] < prune_meta["params_before_prune"]
     assert rep["stages"][-1]["meta"]["params"] == prune_meta["params"]
+
+
+def test_pick_quantization_takes_the_fastest_that_keeps_quality():
+    from compress.pipeline import pick_quantization
+
+    def cand(ratio, fidelity, failures=()):
+        return {"p50_ms": ratio * 4, "ratio": ratio, "fidelity": fidelity, "retention_min": 1.0,
+                "gate_failures": list(failures)}
+
+    table, chosen, _ = pick_quantization({"dynamic": cand(1.0, 0.92), "static": cand(0.8, 0.915)}, 0.01)
+    assert chosen == "static" and table["static"]["eligible"]
+    # faster but loses too much fidelity: not taken, and the table says why
+    table, chosen, reason = pick_quantization({"dynamic": cand(1.0, 0.92), "static": cand(0.7, 0.85)}, 0.01)
+    assert chosen == "dynamic" and reason == "the only candidate that keeps quality"
+    assert "more than 0.01 below" in table["static"]["why_not"]
+    # faster but fails a gate: not taken
+    _, chosen, _ = pick_quantization({"dynamic": cand(1.0, 0.92), "static": cand(0.5, 0.92, ["retention x 0.9 < 0.95"])}, 0.01)
+    assert chosen == "dynamic"
+    # none keeps quality: the best one is kept and the gates fail the build later
+    _, chosen, reason = pick_quantization({"dynamic": cand(1.0, 0.8, ["f"]), "static": cand(0.5, 0.7, ["f"])}, 0.01)
+    assert chosen == "dynamic" and reason.startswith("no candidate keeps quality")

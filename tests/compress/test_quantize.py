@@ -17,7 +17,7 @@ def fp32(tiny_teacher, tmp_path_factory):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_dynamic_int8(fp32, tmp_path, per_channel):
-    art = quantize(fp32, QuantizeConfig(per_channel=per_channel), context(tmp_path, make_texts(5)))
+    art = quantize(fp32, QuantizeConfig(mode="dynamic", per_channel=per_channel), context(tmp_path, make_texts(5)))
     model = onnx.load(str(art.model_file))
     onnx.checker.check_model(model, full_check=True)
     ops = Counter(n.op_type for n in model.graph.node)
@@ -242,7 +242,7 @@ def test_fallback_budget_exhausted_is_recorded_not_raised(planted, tmp_path):
 
     ctx = _fallback_ctx(tmp_path)
     ctx.accept = accept
-    cfg = QuantizeConfig(fallback=FallbackConfig(enabled=True, metric="retention", max_fp32=2, rows=2))
+    cfg = QuantizeConfig(mode="dynamic", fallback=FallbackConfig(enabled=True, metric="retention", max_fp32=2, rows=2))
     art = quantize(planted, cfg, ctx)
     fb = art.meta["quantization"]["fallback"]
     assert fb["status"] == "exhausted" and len(seen) == 3
@@ -258,7 +258,7 @@ def test_fallback_retention_without_gates_is_an_error(planted, tmp_path):
     from compress.errors import StageError
     from compress.recipe import FallbackConfig
 
-    cfg = QuantizeConfig(fallback=FallbackConfig(enabled=True, metric="retention"))
+    cfg = QuantizeConfig(mode="dynamic", fallback=FallbackConfig(enabled=True, metric="retention"))
     with pytest.raises(StageError, match="needs the build's gates"):
         quantize(planted, cfg, _fallback_ctx(tmp_path))
 

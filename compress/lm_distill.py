@@ -1,0 +1,293 @@
+"""Distillation of causal language models (task causal-lm): teacher -> smaller
+student (torch), ready to become the `distill` stage when the task is causal-lm.
+
+The student keeps a subset of the teacher's transformer blocks, initialised
+from them (`derive_student`; GPT-2 family `transformer.h`, Llama family
+`model.layers`), and `train` fits it to the teacher with the losses named in
+`LmDistillConfig.losses`:
+
+- `logit` (off-policy, Hinton et al. 2015): the train texts are run through
+  both models and the student matches the teacher's next-token distribution at
+  every real position, KL(teacher_T || student_T) * T^2 (`temperature`), plus an
+  optional next-token cross entropy (`hard_label_weight`).
+- `on_policy` (GKD, Agarwal et al. 2024): an off-policy student meets states at
+  generation time it never saw in training (its own mistakes) and compounds
+  them. So with probability `lmbda` a batch is made on-policy: prompts (the
+  first `prompt_tokens` tokens of train texts) are continued by the student
+  itself (eval mode, no_grad; `max_new_tokens`, `sample_temperature`, `top_p`),
+  the teacher scores the student's sequence, and the student is trained on the
+  generated positions only with the generalized JSD(`beta`) (0 forward KL,
+  1 reverse KL). The other batches use the same divergence on the train texts.
+
+Both can be listed; their losses add. Retention metrics are in compress/lm_eval.py;
+`export_causal_lm` writes the ONNX graph the targets would run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import warnings
+from pathlib import Path
+
+from compress.errors import RecipeError, SourceError
+from compress.recipe import LmDistillConfig
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+# attribute path of the block list -> config field holding the block count
+_FAMILIES = {"transformer.h": "n_layer", "model.layers": "num_hidden_layers"}
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def blocks_path(model) -> str:
+    """Where the transformer blocks live: 'transformer.h' (GPT-2) or 'model.layers' (Llama)."""
+    import torch
+
+    for path in _FAMILIES:
+        if isinstance(_get(model, path), torch.nn.ModuleList):
+            return path
+    raise SourceError(f"causal LM {type(model).__name__} has neither transformer.h (GPT-2 family) nor "
+                      "model.layers (Llama family); compress distills those two causal-lm families")
+
+
+def derive_student(teacher, layers: list[int]):
+    """A copy of `teacher` keeping only the blocks `layers` (in that order),
+    initialised from them; embeddings, final norm and LM head are copied.
+
+    The student is built from a config with fewer layers, not by slicing the
+    module list, so per-layer state (attention layer_idx for the KV cache,
+    layer_types) is consistent with its new depth."""
+    import torch
+
+    from compress.models import every_other_layer
+
+    path = blocks_path(teacher)
+    n = len(_get(teacher, path))
+    if not layers or any(not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
+        raise RecipeError(f"student layers {layers} must be distinct indices of the teacher's {n} blocks "
+                          f"(0..{n - 1}); pick e.g. {every_other_layer(n)}")
+    config = copy.deepcopy(teacher.config)
+    setattr(config, _FAMILIES[path], len(layers))
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    with torch.random.fork_rng():  # the fresh weights are all overwritten: leave the caller's RNG stream alone
+        student = type(teacher)(config)
+    source = teacher.state_dict()
+    prefix = path + "."
+    state = {}
+    for key in student.state_dict():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            state[key] = source[f"{prefix}{layers[int(index)]}.{rest}"].clone()
+        else:
+            state[key] = source[key].clone()
+    student.load_state_dict(state, strict=True)
+    return student.eval()
+
+
+def _pad_right(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def encode(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def pad_id_of(tokenizer) -> int:
+    for tok in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok is not None:
+            return tok
+    return 0
+
+
+def sample_continuations(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                         pad_id: int = 0, eos_id: int | None = None):
+    """The model continues `prompts` ([batch, prompt_len], no padding) in eval
+    mode without gradients; temperature 0 is greedy. Returns (sequences [batch,
+    prompt_len + new], mask [batch, new] of the generated tokens that count:
+    up to and including the first EOS)."""
+    import torch
+    from transformers import GenerationConfig
+
+    greedy = temperature == 0
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
+                           temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+                           top_k=None, pad_token_id=pad_id, eos_token_id=eos_id)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        seqs = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=gen)
+    model.train(was_training)
+    new = seqs[:, prompts.shape[1]:]
+    keep = torch.ones_like(new, dtype=torch.bool)
+    if eos_id is not None:
+        # generate pads the rows that ended while others go on
+        is_eos = (new == eos_id).long()
+        keep = (is_eos.cumsum(1) - is_eos) == 0
+    return seqs, keep
+
+
+def _schedule(opt, total: int, warmup: int):
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: (step + 1) / max(warmup, 1) if step < warmup
+        else max(0.0, (total - step) / max(total - warmup, 1)))
+
+
+def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, progress=None,
+          desc: str = "distill") -> dict:
+    """Distil `student` (in place) towards `teacher` on `texts`; returns stats."""
+    import torch
+
+    from compress.distill import no_dropout
+    from compress.losses import generalized_jsd, hard_label_ce, logit_kl
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    no_dropout(student)
+    teacher.eval()
+    pad_id = pad_id_of(tokenizer)
+    eos_id = tokenizer.eos_token_id
+    use_logit, use_policy = "logit" in cfg.losses, "on_policy" in cfg.losses
+
+    encoded = [e for e in encode(texts, tokenizer, cfg.max_length) if len(e) >= 2]
+    if not encoded:
+        raise SourceError(f"{desc}: none of the {len(texts)} train texts has 2 tokens or more; "
+                          "a causal LM learns from token sequences, give it longer texts")
+    prompts = [e[:cfg.prompt_tokens] for e in encoded if len(e) > cfg.prompt_tokens]
+    if use_policy and cfg.lmbda > 0 and not prompts:
+        longest = max(len(e) for e in encoded)
+        raise RecipeError(f"{desc}: on_policy needs train texts longer than prompt_tokens {cfg.prompt_tokens}, "
+                          f"the longest has {longest} tokens; lower prompt_tokens below {longest}")
+    # batches group texts of similar length, so a batch pads little
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    total = cfg.max_steps or len(batches) * cfg.epochs
+
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = _schedule(opt, total, int(cfg.warmup * total))
+    bar = progress(total=total, desc=desc) if progress else None
+
+    def logits(model, ids, mask):
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    step, history, on_policy_steps, generated = 0, [], 0, 0
+    while step < total:
+        epoch = list(range(len(batches)))
+        rng.shuffle(epoch)
+        for b in epoch:
+            if step >= total:
+                break
+            student.train()
+            on_policy = use_policy and cfg.lmbda > 0 and rng.random() < cfg.lmbda
+            loss = torch.zeros(())
+            parts = {}
+            if use_logit or (use_policy and not on_policy):
+                ids, mask = _pad_right([encoded[i] for i in batches[b]], pad_id)
+                s_data = logits(student, ids, mask)
+                with torch.no_grad():
+                    t_data = logits(teacher, ids, mask)
+            if use_logit:
+                # every real position has a teacher distribution to copy, the last one included
+                kd = logit_kl(s_data, t_data, cfg.temperature, mask)
+                parts["logit"] = kd.item()
+                loss = loss + kd
+                if cfg.hard_label_weight > 0:
+                    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))[:, 1:]
+                    ce = hard_label_ce(s_data[:, :-1], labels)
+                    parts["ce"] = ce.item()
+                    loss = loss + cfg.hard_label_weight * ce
+            if on_policy:
+                batch_prompts = torch.tensor(rng.sample(prompts, min(cfg.batch_size, len(prompts))))
+                seqs, keep = sample_continuations(student, batch_prompts, cfg.max_new_tokens,
+                                                  cfg.sample_temperature, cfg.top_p, pad_id, eos_id)
+                on_policy_steps += 1
+                generated += int(keep.sum())
+                ones = torch.ones_like(seqs)
+                # the distributions the generated tokens were drawn from: positions start-1 .. end-1
+                start = batch_prompts.shape[1]
+                s_gen = logits(student, seqs, ones)[:, start - 1:-1]
+                with torch.no_grad():
+                    t_gen = logits(teacher, seqs, ones)[:, start - 1:-1]
+                pol = generalized_jsd(s_gen, t_gen, cfg.beta, cfg.temperature, keep)
+                parts["on_policy"] = pol.item()
+                loss = loss + pol
+            elif use_policy:
+                pol = generalized_jsd(s_data, t_data, cfg.beta, cfg.temperature, mask)
+                parts["on_policy"] = pol.item()
+                loss = loss + pol
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            value = loss.item()
+            history.append(value)
+            if bar is not None:
+                bar.update(1, loss=value, **parts)
+    if bar is not None:
+        bar.close()
+    student.eval()
+    window = max(1, min(20, len(history) // 4))
+    head = sum(history[:window]) / window
+    tail = sum(history[-window:]) / window
+    log.info("%s: %d steps (%d on-policy, %d generated tokens), loss %.4f -> %.4f",
+             desc, step, on_policy_steps, generated, head, tail)
+    return {"steps": step, "on_policy_steps": on_policy_steps, "generated_tokens": generated,
+            "loss_first": head, "loss_last": tail, "history": history}
+
+
+def export_causal_lm(model, path: str | Path, opset: int = 17) -> Path:
+    """Export (input_ids, attention_mask) -> logits [batch, sequence, vocab] to
+    ONNX with the TorchScript exporter (dynamo=False, as compress/export.py),
+    dynamic batch and sequence axes, no KV cache. Not wired into the pipeline yet."""
+    import onnx
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    path = Path(path)
+    module = Logits(model).eval()
+    # a dummy with padding, so the traced graph keeps the mask path
+    ids = torch.ones((2, 12), dtype=torch.long)
+    mask = torch.ones((2, 12), dtype=torch.long)
+    mask[1, 8:] = 0
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch", 1: "sequence"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+        torch.onnx.export(module, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False,
+                          do_constant_folding=True)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path

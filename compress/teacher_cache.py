@@ -1,0 +1,281 @@
+"""Teacher outputs on disk: computed once per (teacher, tokenized inputs, settings)
+and reused by every epoch, every rebuild and prune's recovery.
+
+Sits under distill.train(). An entry is <cache root>/teacher-outputs/<key>/, a
+directory of memory-mapped fp16 arrays published like a stage cache entry
+(compress/cache.py: temporary directory, meta.json written last, rename, a file
+lock per key). Variable-length rows are stored per input, packed back to back
+with offsets, so how a later run groups inputs into batches does not matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from compress.artifact import META_FILE
+from compress.cache import Cache, make_key
+from compress.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+# Bump when what an entry holds, or how it is computed, changes.
+VERSION = 1
+DIRNAME = "teacher-outputs"
+# The teacher pass groups inputs by length in batches of this size whatever the
+# training batch size is, so an entry's bytes depend on its key alone (padding
+# width changes fp32 rounding, which can flip an fp16 value).
+TEACHER_BATCH = 32
+# Log-relation written at padded key positions: exp() of it is 0, as it is for
+# the teacher's own -10000 additive mask, so the KL ignores them.
+PAD_LOG = -1e4
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a run's teacher outputs come from. cache_root None keeps them in
+    memory for this run only; `load` gives the teacher model when an entry must
+    be computed and no model was passed (so a cached entry never loads it)."""
+
+    cache_root: Path | None
+    digest: str
+    load: Callable[[], Any] | None = None
+
+
+def ids_digest(encoded: Sequence[Sequence[int]]) -> str:
+    """sha256 of the token ids: covers the texts, the tokenizer and truncation."""
+    h = hashlib.sha256()
+    for row in encoded:
+        h.update(len(row).to_bytes(8, "little"))  # the length first: rows cannot run into each other
+        h.update(np.asarray(row, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def entry_key(teacher_digest: str, encoded: Sequence[Sequence[int]], settings: dict) -> str:
+    return make_key(DIRNAME, teacher_digest, ids_digest(encoded), settings, VERSION)
+
+
+# -- packed rows ---------------------------------------------------------------
+
+class Packed:
+    """Rows of different lengths stored back to back: data[offsets[i]:offsets[i+1]] is row i."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self.data, self.offsets = data, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> np.ndarray:
+        return self.data[self.offsets[i]:self.offsets[i + 1]]
+
+    @classmethod
+    def open(cls, directory: Path, name: str) -> "Packed":
+        return cls(np.load(directory / f"{name}.npy", mmap_mode="r"),
+                   np.load(directory / f"{name}.offsets.npy"))
+
+
+class PackedWriter:
+    """Preallocates a packed array for known row lengths (as an .npy memory map
+    when there is a directory, in memory otherwise) and fills it row by row."""
+
+    def __init__(self, directory: Path | None, name: str, lengths: Sequence[int], tail: tuple[int, ...], dtype):
+        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(lengths, dtype=np.int64), out=self.offsets[1:])
+        shape = (int(self.offsets[-1]), *tail)
+        if directory is None:
+            self.data = np.zeros(shape, dtype=dtype)
+        else:
+            self.data = np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            np.save(directory / f"{name}.offsets.npy", self.offsets)
+
+    def put(self, i: int, row: np.ndarray) -> None:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        if row.shape[0] != end - start:
+            raise AssertionError(f"row {i} has {row.shape[0]} entries, its slot {end - start}")
+        self.data[start:end] = row
+
+    def finish(self) -> Packed:
+        if isinstance(self.data, np.memmap):
+            self.data.flush()
+        return Packed(self.data, self.offsets)
+
+
+# -- top-k logits (for language-model teachers) -------------------------------
+
+def topk_rows(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest logits of each position, largest first: (fp16 values, int32 token ids)."""
+    vocab = logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise RecipeError(f"stages.distill.teacher_topk {k} is outside 1..{vocab} (the vocabulary); "
+                          f"pick k between 1 and {vocab}")
+    idx = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
+    vals = np.take_along_axis(logits, idx, axis=-1)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    return (np.take_along_axis(vals, order, axis=-1).astype(np.float16),
+            np.take_along_axis(idx, order, axis=-1).astype(np.int32))
+
+
+@dataclass
+class TopK:
+    """Stored top-k logits: per input, [positions, k] values and token ids."""
+
+    values: Packed
+    indices: Packed
+    k: int
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.values.row(i), self.indices.row(i)
+
+
+def save_topk(directory: Path, logits_rows: Sequence[np.ndarray], k: int, name: str = "logits") -> TopK:
+    """Store the top-k of each input's [positions, vocab] logits: disk is
+    positions x k x 6 bytes instead of positions x vocab x 2."""
+    lengths = [r.shape[0] for r in logits_rows]
+    values = PackedWriter(directory, f"{name}.values", lengths, (k,), np.float16)
+    indices = PackedWriter(directory, f"{name}.indices", lengths, (k,), np.int32)
+    for i, logits in enumerate(logits_rows):
+        v, ix = topk_rows(np.asarray(logits, dtype=np.float32), k)
+        values.put(i, v)
+        indices.put(i, ix)
+    (directory / f"{name}.topk.json").write_text(json.dumps({"k": k}))
+    return TopK(values.finish(), indices.finish(), k)
+
+
+def load_topk(directory: Path, name: str = "logits") -> TopK:
+    k = json.loads((directory / f"{name}.topk.json").read_text())["k"]
+    return TopK(Packed.open(directory, f"{name}.values"), Packed.open(directory, f"{name}.indices"), k)
+
+
+# -- embedding-teacher outputs ----------------------------------------------------
+
+class TeacherOutputs:
+    """A complete set of teacher targets for a list of inputs: pooled embedding
+    [n, hidden], hidden states per input [len_i, hidden] for each target layer,
+    and optionally the two log-relations per input [heads, len_i, len_i]."""
+
+    def __init__(self, pooled: np.ndarray, states: list[Packed], relations: list[Packed], heads: int,
+                 key: str | None = None, cached: bool = False, forwards: int = 0, path: Path | None = None):
+        self.pooled, self.states, self.relations, self.heads = pooled, states, relations, heads
+        self.key, self.cached, self.forwards, self.path = key, cached, forwards, path
+
+    def size_bytes(self) -> int:
+        if self.path is None:
+            return 0
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    def stats(self) -> dict:
+        return {"key": self.key, "cached": self.cached, "bytes": self.size_bytes()}
+
+    def batch(self, indices: Sequence[int], width: int):
+        """Targets of these inputs padded to `width`, as float32 torch tensors:
+        (pooled [b, h], [states [b, width, h]], [relations [b, heads, width, width]])."""
+        import torch
+
+        pooled = torch.from_numpy(np.asarray(self.pooled[list(indices)], dtype=np.float32))
+        states = []
+        for packed in self.states:
+            out = np.zeros((len(indices), width, packed.data.shape[-1]), dtype=np.float32)
+            for j, i in enumerate(indices):
+                row = packed.row(i)
+                out[j, :len(row)] = row
+            states.append(torch.from_numpy(out))
+        relations = []
+        for packed in self.relations:
+            out = np.full((len(indices), self.heads, width, width), PAD_LOG, dtype=np.float32)
+            for j, i in enumerate(indices):
+                flat = packed.row(i)
+                s = int(round((len(flat) / self.heads) ** 0.5))
+                out[j, :, :s, :s] = flat.reshape(self.heads, s, s)
+            relations.append(torch.from_numpy(out))
+        return pooled, states, relations
+
+
+# run_batch(ids, mask) -> (pooled [b, h], [states [b, s, h]], [relations [b, heads, s, s]]) as torch tensors
+RunBatch = Callable[[Any, Any], tuple]
+
+
+def compute(directory: Path | None, encoded: Sequence[Sequence[int]], pad_id: int, heads: int,
+            run_batch: RunBatch, progress, desc: str) -> TeacherOutputs:
+    """Run the teacher over every input once and store its outputs per input."""
+    from compress.distill import _batches, _pad
+
+    lengths = [len(e) for e in encoded]
+    groups = _batches(lengths, TEACHER_BATCH)
+    pooled = states = relations = None
+    bar = progress(total=len(groups), desc=f"{desc}: teacher outputs")
+    for group in groups:
+        ids, mask = _pad([encoded[i] for i in group], pad_id)
+        t_pooled, t_states, t_rel = run_batch(ids, mask)
+        if pooled is None:  # shapes are known once the teacher has run
+            hidden = t_pooled.shape[-1]
+            pooled = _alloc(directory, "pooled", (len(encoded), hidden), np.float16)
+            states = [PackedWriter(directory, f"states_{k}", lengths, (hidden,), np.float16)
+                      for k in range(len(t_states))]
+            relations = [PackedWriter(directory, f"relations_{k}", [heads * n * n for n in lengths], (), np.float16)
+                         for k in range(len(t_rel))]
+        # fp16 halves the disk and memory of the targets at no cost in signal
+        pooled[group] = t_pooled.half().numpy()
+        for writer, batch in zip(states, t_states):
+            batch = batch.half().numpy()
+            for j, i in enumerate(group):
+                writer.put(i, batch[j, :lengths[i]])
+        for writer, batch in zip(relations, t_rel):
+            batch = batch.half().numpy()
+            for j, i in enumerate(group):
+                writer.put(i, batch[j, :, :lengths[i], :lengths[i]].reshape(-1))
+        bar.update(1)
+    bar.close()
+    if isinstance(pooled, np.memmap):
+        pooled.flush()
+    return TeacherOutputs(pooled, [w.finish() for w in states], [w.finish() for w in relations], heads,
+                          forwards=len(groups), path=directory)
+
+
+def _alloc(directory: Path | None, name: str, shape: tuple, dtype) -> np.ndarray:
+    if directory is None:
+        return np.zeros(shape, dtype=dtype)
+    return np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+
+def open_entry(path: Path) -> TeacherOutputs:
+    meta = json.loads((path / META_FILE).read_text())
+    states = [Packed.open(path, f"states_{k}") for k in range(meta["states"])]
+    relations = [Packed.open(path, f"relations_{k}") for k in range(meta["relations"])]
+    return TeacherOutputs(np.load(path / "pooled.npy", mmap_mode="r"), states, relations, meta["heads"],
+                          key=meta["key"], path=path)
+
+
+def obtain(source: TeacherSource | None, encoded: Sequence[Sequence[int]], settings: dict, pad_id: int,
+           heads: int, runner: Callable[[], RunBatch], progress, desc: str) -> TeacherOutputs:
+    """The teacher outputs for these inputs and settings: from the cache when a
+    complete entry exists (no teacher forward, `runner` never called), else
+    computed once, stored and published. runner() gives the batch function,
+    loading the teacher model if it must."""
+    if source is None or source.cache_root is None:
+        return compute(None, encoded, pad_id, heads, runner(), progress, desc)
+    key = entry_key(source.digest, encoded, settings)
+    cache = Cache(Path(source.cache_root) / DIRNAME)
+    made = {}
+
+    def make(work: Path) -> None:
+        outputs = compute(work, encoded, pad_id, heads, runner(), progress, desc)
+        made["forwards"] = outputs.forwards
+        meta = {"kind": "teacher-outputs", "key": key, "teacher": source.digest, "inputs": len(encoded),
+                "settings": settings, "version": VERSION, "states": len(outputs.states),
+                "relations": len(outputs.relations), "heads": heads, "forwards": outputs.forwards}
+        (work / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks it complete
+
+    path, hit = cache.produce(key, make)
+    outputs = open_entry(path)
+    outputs.cached, outputs.forwards = hit, made.get("forwards", 0)
+    log.info("%s: teacher outputs %s (%s, %.1f MB)", desc, key[:12], "cached" if hit else "computed",
+             outputs.size_bytes() / 1e6)
+    return outputs
+
