@@ -21,7 +21,7 @@ from compress import data as datamod
 from compress.artifact import Artifact
 from compress.cache import Cache, make_key
 from compress.errors import CacheError, GateFailed, RecipeError
-from compress.recipe import ExportConfig, QuantizeConfig, Recipe
+from compress.recipe import ExportConfig, FallbackConfig, QuantizeConfig, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ class StageContext:
     progress: Callable[..., Progress]
     teacher: Artifact | None = None
     calibration_texts: list[str] = field(default_factory=list)
+    # The build's gates on a candidate ONNX model (tokenizer beside the stage's
+    # input): (passed, {"score": margin, >= 0 passes, ...}). None without gates.
+    accept: Callable[[Path], tuple[bool, dict]] | None = None
     cache_root: Path | None = None  # where stages keep reusable intermediates (teacher outputs); None: don't
     # The torch artifact the current ONNX model was exported from (quantize mode qat trains it).
     torch_source: Artifact | None = None
@@ -164,7 +167,12 @@ def preflight(recipe: Recipe, targets: list[str]):
         raise RecipeError("no target: pass --target cpu or list one under targets: in the recipe")
     modules = {}
     plan = recipe.stage_plan()
-    precision = "int8" if any(n == "quantize" for n, _ in plan) else "fp32"
+    quantize = [c for n, c in plan if n == "quantize"]
+    precision = (quantize[0].dtype if quantize else "fp32")  # int8 | fp16: what the targets must run
+    if quantize and quantize[0].fallback.enabled and quantize[0].fallback.metric == "retention" \
+            and recipe.gates.retention is None and recipe.gates.fidelity is None:
+        raise RecipeError("stages.quantize.fallback.metric: retention checks candidates against the gates, and "
+                          "none is set; set gates.retention (or gates.fidelity), or use metric: agreement")
     for name in chosen:
         mod = targets_pkg.get(name)
         cfg = configured.get(name) or _default_target_config(name)
@@ -207,7 +215,8 @@ class Builder:
         return Progress(self.opts.progress, total, desc)
 
     def run_stage(self, name: str, fn: Callable, version: int, src: Artifact, cfg: Any,
-                  extra: dict | None = None, label: str | None = None) -> StageRecord:
+                  extra: dict | None = None, label: str | None = None,
+                  accept: Callable[[Path], tuple[bool, dict]] | None = None) -> StageRecord:
         label = label or name
         key = make_key(src.digest, name, cfg.model_dump(mode="json"), version, extra or {})
 
@@ -216,7 +225,7 @@ class Builder:
             ctx = StageContext(out=out, train_texts=self.inputs.train,
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
-                               teacher=self.teacher, calibration_texts=self.inputs.calibration,
+                               teacher=self.teacher, calibration_texts=self.inputs.calibration, accept=accept,
                                cache_root=self.cache.root, torch_source=self.torch_source)
             return fn(src, cfg, ctx)
 
@@ -239,14 +248,15 @@ class Builder:
         for name, cfg in plan:
             if name == "export" and src.kind == "onnx":
                 continue  # an ONNX teacher is already exported
-            if name == "quantize" and cfg.mode == "auto":
+            if name == "quantize" and cfg.mode == "auto" and cfg.dtype == "int8":  # fp16 has no modes
                 # Which mode is fastest depends on the target: each target measures its own.
                 assert name == plan[-1][0], "quantize must be the last stage for mode auto"
                 auto = cfg
                 continue
             if src.kind == "torch":  # what a later qat quantize trains
                 self.torch_source = src
-            record = self.run_stage(name, *stage_function(name), src, cfg, self.stage_extra(name, cfg))
+            record = self.run_stage(name, *stage_function(name), src, cfg, self.stage_extra(name, cfg),
+                                    accept=self.stage_accept(name, cfg, src))
             self.records.append(record)
             src = record.artifact
 
@@ -275,12 +285,27 @@ class Builder:
             return {"train": self.inputs.digests["train"]}
         if name == "prune":  # reads the train inputs and the teacher beside its input
             return {"train": self.inputs.digests["train"], "teacher": self.teacher.digest}
+        if name == "quantize" and cfg.dtype == "int8" and cfg.fallback.enabled:
+            # sensitivity reads calibration rows, the agreement check held-out inputs,
+            # the retention check the gates, eval sets and the teacher's scores
+            extra = {"calibration": self.inputs.digests["calibration"], "heldout": self.inputs.digests["heldout"],
+                     "max_length": self.recipe.teacher.max_length}
+            if cfg.fallback.metric == "retention":
+                extra.update(gates=self.recipe.gates.model_dump(mode="json"), teacher=self.teacher.digest,
+                             eval={k: v for k, v in self.inputs.digests.items() if k.startswith("eval:")})
+            return extra
         if name == "quantize" and cfg.mode == "static":  # reads the calibration inputs
             return {"calibration": self.inputs.digests["calibration"]}
         if name == "quantize" and cfg.mode == "qat":  # trains the torch source towards the teacher
             from compress.qat import VERSION as qat_version
             return {"calibration": self.inputs.digests["calibration"], "train": self.inputs.digests["train"],
                     "teacher": self.teacher.digest, "torch_source": self.torch_source.digest, "qat": qat_version}
+        return None
+
+    def stage_accept(self, name: str, cfg: Any, src: Artifact) -> Callable[[Path], tuple[bool, dict]] | None:
+        """The quantize fallback's retention check, when the recipe asks for it."""
+        if name == "quantize" and cfg.dtype == "int8" and cfg.fallback.enabled and cfg.fallback.metric == "retention":
+            return self.candidate_gates(src)
         return None
 
     def choose_quantization(self, cfg: QuantizeConfig, src: Artifact, tname: str, mod: Any,
@@ -299,6 +324,7 @@ class Builder:
         for mode in modes:
             mcfg = cfg.model_copy(update={"mode": mode})
             records[mode] = self.run_stage("quantize", fn, version, src, mcfg, self.stage_extra("quantize", mcfg),
+                                           accept=self.stage_accept("quantize", mcfg, src),
                                            label=f"quantize ({mode} candidate)")
             targets[mode] = self.run_stage("target", mod.build, mod.VERSION, records[mode].artifact, tcfg,
                                            label=f"target {tname} ({mode} candidate)")
@@ -354,6 +380,29 @@ class Builder:
         path, hit = self.cache.produce(key, make)
         return json.loads((path / "metrics.json").read_text()), np.load(path / "heldout.npy")
 
+    def candidate_gates(self, src: Artifact) -> Callable[[Path], tuple[bool, dict]]:
+        """The recipe's gates on a candidate ONNX model that runs with src's
+        tokenizer (the quantize fallback's check); score = the smallest margin."""
+        from compress import evaluate as ev
+        from compress.encoders import OnnxEncoder
+        from compress.report import gates
+
+        g = self.recipe.gates
+
+        def accept(model: Path) -> tuple[bool, dict]:
+            enc = OnnxEncoder(model, src.path, self.recipe.teacher.max_length)
+            metrics, emb = ev.run(enc, self.inputs.eval_sets, self.inputs.heldout)
+            t_metrics, t_emb = self.evaluate(self.teacher, "teacher")
+            quality = {"retention": ev.retention(metrics, t_metrics), "fidelity": ev.fidelity(emb, t_emb)}
+            margins = [v - g.retention for v in quality["retention"].values()] if g.retention is not None else []
+            if g.fidelity is not None:
+                margins.append(quality["fidelity"]["cosine"] - g.fidelity)
+            margins = [m if m == m else float("-inf") for m in margins]  # a NaN metric fails, as in the gates
+            verdict = gates(self.recipe, quality)
+            return verdict["passed"], {"score": min(margins), "retention": quality["retention"],
+                                       "fidelity": quality["fidelity"]["cosine"], "failed": verdict["failed"]}
+        return accept
+
     def quality(self, art: Artifact, label: str) -> dict:
         from compress import evaluate as ev
 
@@ -379,7 +428,8 @@ class Builder:
                                    label="reference: teacher ORT transformer optimizer").artifact
         # Optimum's dynamic avx512_vnni config: per-tensor int8 weights. Pinned here so
         # the reference does not move when compress's own defaults do.
-        int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32, QuantizeConfig(mode="dynamic", per_channel=False),
+        int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32,
+                              QuantizeConfig(mode="dynamic", per_channel=False, fallback=FallbackConfig(enabled=False)),
                               label="reference: teacher dynamic int8").artifact
         tok = [str(t.path / n) for n in fp32.meta.get("tokenizer_files", [])]
         models.append(bench.BenchModel("teacher-ort-fp32", "onnx", str(optimized.model_file),

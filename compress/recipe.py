@@ -131,8 +131,17 @@ class ExportConfig(Frozen):
     min_cosine: float = Field(0.9999, gt=0, le=1, description="Lowest allowed mean cosine(onnx, torch)")
 
 
+class FallbackConfig(Frozen):
+    enabled: bool = Field(False, description="int8: rank MatMuls by sensitivity and keep the most sensitive in fp32 until the quality check passes")
+    metric: Literal["agreement", "retention"] = Field("agreement", description="agreement: mean cosine(int8, fp32) on held-out inputs >= min_agreement; retention: the recipe's gates on the candidate model")
+    min_agreement: float = Field(0.99, gt=0, le=1, description="agreement: the lowest accepted mean cosine of the quantized model's outputs to fp32")
+    max_fp32: int = Field(4, ge=0, description="Budget: at most this many MatMuls kept in fp32; when spent, the best candidate is kept and the gates decide")
+    rows: int = Field(8, ge=1, description="Packed calibration rows each node's sensitivity is measured on")
+    sensitivity: Literal["simulated", "onnxruntime"] = Field("simulated", description="simulated: one session, exact int8 arithmetic (VNNI, ARM, TensorRT); onnxruntime: one int8 model per node run by this CPU's kernels (slower; includes AVX2 u8s8 saturation)")
+
+
 class QuantizeConfig(Frozen):
-    dtype: Literal["int8"] = Field("int8", description="Weight precision")
+    dtype: Literal["int8", "fp16"] = Field("int8", description="int8 (CPU, ARM, TensorRT) or fp16 (GPU targets; weights and activations in half precision, io stays fp32)")
     mode: Literal["auto", "dynamic", "static", "qat"] = Field("auto", description="auto: build every mode in `candidates` and keep the fastest on the target that keeps quality; dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration; qat: the torch student fine-tuned with fake int8 in the loop, then exported as QDQ")
     candidates: list[Literal["dynamic", "static"]] = Field(["dynamic", "static"], min_length=1, description="auto: the modes tried, each built for the target and timed there")
     max_fidelity_drop: float = Field(0.01, ge=0, le=1, description="auto: a candidate may lose at most this much fidelity (mean cosine to the teacher) against the best candidate")
@@ -145,6 +154,16 @@ class QuantizeConfig(Frozen):
     qat_batch_size: int = Field(32, ge=1, description="qat: inputs per step")
     qat_reduce_range: bool = Field(True, description="qat: 7-bit weights (±63), so x86 CPUs without VNNI (AVX2), whose int8 kernels sum product pairs in saturating int16, compute what QAT trained; false for VNNI, ARM or TensorRT only")
     qat_seed: int = Field(0, description="qat: seed of shuffling and initialisation order")
+    fallback: FallbackConfig = Field(FallbackConfig(), description="int8: accuracy-aware fallback of the most sensitive MatMuls to fp32")
+
+    @model_validator(mode="after")
+    def fallback_needs_int8(self) -> "QuantizeConfig":
+        if self.dtype != "int8" and self.fallback.enabled:
+            raise ValueError(f"fallback applies to dtype int8, got dtype {self.dtype}; set fallback.enabled: false or dtype: int8")
+        if self.mode == "qat" and self.fallback.enabled:
+            raise ValueError("fallback keeps single MatMuls in fp32 after post-training quantization; mode qat trains one "
+                             "model instead: set fallback.enabled: false or mode: dynamic/static")
+        return self
 
 
 class FuseConfig(Frozen):
@@ -171,7 +190,7 @@ class StageEntry(Frozen):
     prune: PruneConfig | None = Field(None, description="Student -> fewer heads and FFN neurons, then recovery (torch)")
     export: ExportConfig | None = Field(None, description="torch -> validated ONNX (inserted when absent)")
     fuse: FuseConfig | None = Field(None, description="fp32 ONNX -> ONNX with one fused attention op per layer, validated against its input")
-    quantize: QuantizeConfig | None = Field(None, description="fp32 ONNX -> int8 ONNX")
+    quantize: QuantizeConfig | None = Field(None, description="fp32 ONNX -> int8 (or fp16) ONNX")
 
     @model_validator(mode="before")
     @classmethod

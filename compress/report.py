@@ -312,6 +312,15 @@ def markdown(report: dict) -> str:
     if share is not None:
         lines += ["", f"Share of matrix-product FLOPs in int8 (batch 1, sequence 128): {share:.1%}."]
     for st in report["stages"]:
+        fb = st["meta"].get("quantization", {}).get("fallback") if st["stage"] == "quantize" else None
+        if fb:
+            top = ", ".join(f"`{r['node']}` {r['sensitivity']:.1e}" for r in fb["sensitivity"][:5])
+            kept = ", ".join(f"`{n}`" for n in fb["fp32_nodes"]) or "none"
+            lines += ["", "## Quantize: sensitivity and fp32 fallback", "",
+                      f"Most sensitive MatMuls (1 - cosine to fp32 with only that node in int8): {top}.", "",
+                      f"Kept in fp32: {kept} (fallback {fb['status']}: {fb['metric']} check, "
+                      f"{len(fb['steps']) - 1} step(s), budget {fb['max_fp32']}); their latency cost is in the benchmark."]
+    for st in report["stages"]:
         if "decision" in st:
             lines += ["", "## Quantization mode, chosen by measurement on the target", "", decision_table(st["decision"])]
     graph = s.get("graph")
