@@ -52,7 +52,7 @@ def _error_case(tmp_path, name, tiny_teacher):
     ("missing teacher", r"teacher.source: .*no-such-teacher does not exist"),
     ("malformed yaml", r"malformed YAML at line"),
     ("unknown field", r"unknown field 'trian' in data"),
-    ("unknown stage", r"unknown stage 'quantise' \(known: distill, prune, export, quantize\)"),
+    ("unknown stage", r"unknown stage 'quantise' \(known: distill, prune, export, fuse, quantize\)"),
     ("unknown target", r"unknown target 'jetsn' \(known: cpu\)"),
     ("not onnx", r"teacher.onnx is not an ONNX model"),
     ("empty data", r"data.train: train.txt has no inputs"),

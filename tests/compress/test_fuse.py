@@ -48,7 +48,7 @@ def test_fuse_replaces_every_attention_and_agrees(fp32, fused):
 
 
 def test_quantize_after_fuse_validates_and_counts_fused_flops(fp32, fused, tmp_path):
-    art = quantize(fused, QuantizeConfig(), context(tmp_path, make_texts(5)))
+    art = quantize(fused, QuantizeConfig(mode="dynamic"), context(tmp_path, make_texts(5)))
     model = onnx.load(str(art.model_file))
     onnx.checker.check_model(model, full_check=True)
     ops = Counter(n.op_type for n in model.graph.node)

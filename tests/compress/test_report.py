@@ -59,5 +59,5 @@ def test_builder_counts_teacher_and_student_flops_on_onnx(tiny_teacher, tmp_path
     builder.records = [StageRecord("export", "k", onnx_teacher, False, 0.0)]
 
     per_layer = 4 * 2 * 128 * 32 * 32 + 2 * 2 * 128 * 128 * 32 + 2 * 2 * 128 * 32 * 64
-    counted = builder.compute_stats(onnx_teacher)
+    counted = builder.compute_stats(onnx_teacher, builder.records)
     assert counted == {"batch": 1, "seq_len": 128, "teacher_flops": 4 * per_layer, "student_flops": 4 * per_layer}
