@@ -452,7 +452,7 @@ def finetune(model, texts: list[str], labels: list[int], tokenizer, settings: di
     return {"steps": len(losses), "loss_first": losses[0], "loss_last": sum(losses[-5:]) / len(losses[-5:])}
 
 
-def polarity_teacher(cache, task: str) -> Artifact:
+def polarity_teacher(cache, task: str, echo=None) -> Artifact:
     """example:minilm-polarity: no fine-tuned classifier ships offline, so
     all-MiniLM-L6-v2 gets a classification head fine-tuned on the polarity train
     split here, once; the result is a cache entry keyed by the base model, the
@@ -503,9 +503,13 @@ def polarity_teacher(cache, task: str) -> Artifact:
                            "settings": FINETUNE, **stats, "accuracy": acc},
         })
 
+    echo = echo or (lambda msg: None)
+    if cache.get(key) is None:
+        echo(f"teacher example:minilm-polarity: fine-tuning a classification head on {len(texts)} polarity "
+             "sentences (first use only; cached)")
     art, hit = cache.artifact(key, make)
     if not hit:
-        log.info("example:minilm-polarity: accuracy %s", art.meta["fine_tuned"]["accuracy"])
+        echo(f"teacher example:minilm-polarity: accuracy {art.meta['fine_tuned']['accuracy']}")
     # meta path: where it lives now (the cache entry), not the temporary directory it was built in
     return Artifact(path=art.path, kind=art.kind, digest=art.digest, meta={**art.meta, "path": str(art.path)})
 

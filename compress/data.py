@@ -247,7 +247,9 @@ def polarity_rows(part: str = "all") -> list[tuple[str, str]]:
     if part == "all":
         return rows
     cut = int(POLARITY_TEST_FRACTION * 10_000)
-    test = {t for t, _ in rows if int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "big") % 10_000 < cut}
+    # Salted: with split_heldout's own hash every train text would fall outside its held-out share.
+    test = {t for t, _ in rows
+            if int.from_bytes(hashlib.sha256(b"polarity-test\0" + t.encode()).digest()[:4], "big") % 10_000 < cut}
     return [r for r in rows if (r[0] in test) == (part == "test")]
 
 

@@ -204,6 +204,10 @@ class Builder:
     def run_stage(self, name: str, fn: Callable, version: int, src: Artifact, cfg: Any,
                   extra: dict | None = None, label: str | None = None) -> StageRecord:
         label = label or name
+        if src.meta.get("task", "embedding") != "embedding":
+            # One model directory compresses differently per task (a classifier's base
+            # encoder is an embedding teacher too); embedding keys stay as they were.
+            extra = {**(extra or {}), "task": src.meta["task"]}
         key = make_key(src.digest, name, cfg.model_dump(mode="json"), version, extra or {})
 
         def make(out: Path) -> Artifact:
@@ -228,7 +232,7 @@ class Builder:
         modules, plan = preflight(self.recipe, self.opts.targets)
         self.inputs = load_inputs(self.recipe)
         self.teacher = sources.teacher_artifact(self.recipe.teacher.source, self.recipe.teacher.tokenizer,
-                                                self.cache, self.recipe.task)
+                                                self.cache, self.recipe.task, echo=self.opts.echo)
         src = self.teacher
         auto = None
         for name, cfg in plan:

@@ -84,12 +84,12 @@ def _check_onnx_file(path: Path) -> None:
                           "teacher needs input_ids (+ attention_mask) and a sentence_embedding output")
 
 
-def teacher_artifact(source: str, tokenizer: str | None, cache, task: str) -> Artifact:
+def teacher_artifact(source: str, tokenizer: str | None, cache, task: str, echo=None) -> Artifact:
     kind, path = check(source, tokenizer)
     if source == "example:minilm-polarity":  # fine-tuned here at first use, then cached
         from compress.classify import polarity_teacher
 
-        return polarity_teacher(cache, task)
+        return polarity_teacher(cache, task, echo)
     if kind == "hf":
         files = sorted(p for p in path.iterdir() if p.is_file())
         meta = {"task": task, "source": source, "path": str(path), "license": license_of(path)}

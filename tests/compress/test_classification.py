@@ -236,10 +236,10 @@ data:
   heldout_fraction: 0.15
   eval: [{{source: eval.jsonl, field: text, label_field: label}}]
 stages:
-  - distill: {{student: {{layers: [1, 3], ffn: 0}}, losses: [logit, feature], epochs: 2, batch_size: 16, max_length: 32, lr: 2.0e-3}}
+  - distill: {{student: {{layers: [1, 3], ffn: 0}}, losses: [logit, feature], epochs: 1, batch_size: 16, max_length: 32, lr: 2.0e-3}}
   - quantize: {{mode: dynamic}}
 targets: {{cpu: {{}}}}
-bench: {{runs: 6, rounds: 2, warmup: 2, rss: false}}
+bench: {{runs: 4, rounds: 2, warmup: 1, rss: false}}
 """)
     # One torch thread, as above (ONNX Runtime and the bench set their own thread
     # counts); and the compress under test, not whichever one is installed.
