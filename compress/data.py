@@ -215,3 +215,121 @@ def load_eval(source: str, field: str | None = None, samples: int | None = None)
     if len(pairs) < 3:
         raise SourceError(f"data.eval: {path} has {len(pairs)} pairs; a rank correlation needs at least 3")
     return EvalSet(path.stem, tuple(texts), tuple(pairs), tuple(human))
+
+
+# -- labelled inputs (task classification) ------------------------------------
+
+POLARITY_TEST_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """A classification eval: texts with their class ids; metric = accuracy."""
+
+    name: str
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+    metric: str = "accuracy"
+
+    def digest(self) -> str:
+        return texts_digest([self.name, *self.texts, json.dumps(self.labels)])
+
+
+def polarity_rows(part: str = "all") -> list[tuple[str, str]]:
+    """gensim's pang_lee_polarity.cor: 200 movie-review snippets, `__label__neg|pos text`.
+    part train/test: a stable split by hash (25% test), so the example teacher is
+    fine-tuned on train and scored on test."""
+    rows = []
+    for line in _gensim_path("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines():
+        m = re.match(r"^__label__(\w+)\s+(.*)$", line.strip())
+        if m and m.group(2).strip():
+            rows.append((m.group(2).strip(), m.group(1)))
+    if part == "all":
+        return rows
+    cut = int(POLARITY_TEST_FRACTION * 10_000)
+    # Salted: with split_heldout's own hash every train text would fall outside its held-out share.
+    test = {t for t, _ in rows
+            if int.from_bytes(hashlib.sha256(b"polarity-test\0" + t.encode()).digest()[:4], "big") % 10_000 < cut}
+    return [r for r in rows if (r[0] in test) == (part == "test")]
+
+
+def _label_id(value, label2id: dict[str, int], num_labels: int, where: str) -> int:
+    if isinstance(value, bool):
+        value = None  # JSON true/false is not a class
+    elif isinstance(value, str) and value.strip() in label2id:
+        return label2id[value.strip()]
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and 0 <= value < num_labels:
+        return value
+    names = ", ".join(label2id) or "none"
+    raise SourceError(f"{where}: label {value!r} is not a class of the teacher (names: {names}; ids 0..{num_labels - 1}); "
+                      "fix the label, or the teacher's config.json label2id")
+
+
+def load_labelled(source: str, field: str | None, label_field: str | None, samples: int | None,
+                  label2id: dict[str, int], num_labels: int, where: str) -> tuple[list[str], list[int] | None]:
+    """(texts, labels or None) from example:polarity[-train|-test], a .tsv/.csv of
+    text<TAB>label (text,label), a .jsonl with field (+ label_field), or a .txt (no labels)."""
+    import csv
+
+    if source in ("example:polarity", "example:polarity-train", "example:polarity-test"):
+        part = {"example:polarity": "all", "example:polarity-train": "train", "example:polarity-test": "test"}[source]
+        rows = polarity_rows(part)
+        texts = [t for t, _ in rows]
+        labels = [_label_id(l, label2id, num_labels, f"{where}: {source}") for _, l in rows]
+    elif source.startswith("example:") or Path(source).suffix not in (".tsv", ".csv", ".jsonl"):
+        return load_texts(source, field, samples, where), None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise SourceError(f"{where}: {path} does not exist; give an existing .tsv, .csv or .jsonl file")
+        texts, labels = [], []
+        if path.suffix == ".jsonl":
+            if label_field is None:  # unlabelled inputs: fine for distillation
+                return load_texts(source, field, samples, where), None
+            if not field:
+                raise SourceError(f"{where}: {path} is JSONL, so it needs 'field' naming the key that holds the text")
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SourceError(f"{where}: {path} line {i} is not JSON ({exc.msg}); write one JSON object per line") from None
+                if not isinstance(row, dict) or not isinstance(row.get(field), str) or label_field not in row:
+                    raise SourceError(f"{where}: {path} line {i} needs a string '{field}' and a '{label_field}'; "
+                                      "set field and label_field to the keys holding the text and the label")
+                if row[field].strip():
+                    texts.append(row[field].strip())
+                    labels.append(_label_id(row[label_field], label2id, num_labels, f"{where}: {path} line {i}"))
+        else:
+            delimiter = "\t" if path.suffix == ".tsv" else ","
+            with open(path, encoding="utf-8", newline="") as f:
+                for i, row in enumerate(csv.reader(f, delimiter=delimiter), 1):
+                    if not row or not "".join(row).strip():
+                        continue
+                    if len(row) < 2:
+                        raise SourceError(f"{where}: {path} line {i} has no label; write text{'<TAB>' if delimiter == chr(9) else ','}label rows")
+                    text, label = delimiter.join(row[:-1]).strip(), row[-1]
+                    if i == 1 and label.strip().lower() == "label":
+                        continue  # a header row
+                    texts.append(text)
+                    labels.append(_label_id(label, label2id, num_labels, f"{where}: {path} line {i}"))
+        if not texts:
+            raise SourceError(f"{where}: {path} has no inputs; write one labelled input per line")
+    if samples:
+        texts, labels = texts[:samples], labels[:samples]
+    return texts, labels
+
+
+def load_labelled_eval(source: str, field: str | None, label_field: str | None, samples: int | None,
+                       label2id: dict[str, int], num_labels: int, where: str) -> LabelledSet:
+    texts, labels = load_labelled(source, field, label_field, samples, label2id, num_labels, where)
+    if labels is None:
+        raise SourceError(f"{where}: {source} has no labels; task classification scores labelled sets: set label_field "
+                          "(.jsonl) or give a .tsv/.csv of text<TAB>label")
+    if len(texts) < 2:
+        raise SourceError(f"{where}: {source} has {len(texts)} labelled inputs; accuracy needs at least 2")
+    name = source.removeprefix("example:") if source.startswith("example:") else Path(source).stem
+    return LabelledSet(name, tuple(texts), tuple(labels))

@@ -244,6 +244,10 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
 
     from compress import prune as pruning
 
+    if src.meta.get("task") == "classification":  # logits, labels, the head: its own module
+        from compress import classify
+
+        return classify.distill(src, cfg, ctx)
     out: Path = ctx.out
     teacher = load_hf_encoder(src.path)
     layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)

@@ -84,6 +84,10 @@ class OnnxEncoder(Encoder):
 
 
 def open_encoder(art: Artifact, max_length: int, threads: int = 2) -> Encoder:
+    if art.meta.get("task") == "classification":  # texts -> logits
+        from compress.classify import open_classifier
+
+        return open_classifier(art, max_length, threads)
     if art.kind == "torch":
         return TorchEncoder(art.path, max_length, threads)
     if art.kind == "onnx":

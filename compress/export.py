@@ -48,6 +48,10 @@ def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
     from compress.encoders import OnnxEncoder, TorchEncoder
     from compress.models import load_hf_encoder, make_sentence_encoder
 
+    if src.meta.get("task") == "classification":  # exports logits, not a sentence embedding
+        from compress import classify
+
+        return classify.export(src, cfg, ctx)
     model = load_hf_encoder(src.path)
     module = make_sentence_encoder(model).eval()
     dummy = (torch.full((2, 16), 1000, dtype=torch.long), torch.ones((2, 16), dtype=torch.long))

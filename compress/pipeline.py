@@ -93,6 +93,7 @@ class StageContext:
     cache_root: Path | None = None  # where stages keep reusable intermediates (teacher outputs); None: don't
     # The torch artifact the current ONNX model was exported from (quantize mode qat trains it).
     torch_source: Artifact | None = None
+    train_labels: dict[str, int] | None = None  # classification: text -> class id, where the data has labels
 
 
 @dataclass
@@ -133,9 +134,14 @@ class Inputs:
     eval_sets: list[Any]
     calibration: list[str] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
+    train_labels: dict[str, int] | None = None  # classification: text -> class id, where the data has labels
 
 
 def load_inputs(recipe: Recipe) -> Inputs:
+    if recipe.task == "classification":  # labelled data, read with the teacher's label names
+        from compress import classify
+
+        return classify.load_inputs(recipe)
     d = recipe.data
     texts = datamod.load_texts(d.train.source, d.train.field, d.train.samples, where="data.train")
     train, heldout = datamod.split_heldout(texts, d.heldout_fraction)
@@ -218,6 +224,10 @@ class Builder:
                   extra: dict | None = None, label: str | None = None,
                   accept: Callable[[Path], tuple[bool, dict]] | None = None) -> StageRecord:
         label = label or name
+        if src.meta.get("task", "embedding") != "embedding":
+            # One model directory compresses differently per task (a classifier's base
+            # encoder is an embedding teacher too); embedding keys stay as they were.
+            extra = {**(extra or {}), "task": src.meta["task"]}
         key = make_key(src.digest, name, cfg.model_dump(mode="json"), version, extra or {})
 
         def make(out: Path) -> Artifact:
@@ -226,7 +236,8 @@ class Builder:
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
                                teacher=self.teacher, calibration_texts=self.inputs.calibration, accept=accept,
-                               cache_root=self.cache.root, torch_source=self.torch_source)
+                               cache_root=self.cache.root, torch_source=self.torch_source,
+                               train_labels=self.inputs.train_labels)
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
@@ -242,7 +253,7 @@ class Builder:
         modules, plan = preflight(self.recipe, self.opts.targets)
         self.inputs = load_inputs(self.recipe)
         self.teacher = sources.teacher_artifact(self.recipe.teacher.source, self.recipe.teacher.tokenizer,
-                                                self.cache, self.recipe.task)
+                                                self.cache, self.recipe.task, echo=self.opts.echo)
         src = self.teacher
         auto = None
         for name, cfg in plan:
@@ -281,6 +292,8 @@ class Builder:
 
     def stage_extra(self, name: str, cfg: Any) -> dict | None:
         """What a stage reads besides its input artifact, for its cache key."""
+        if name == "distill" and "train_labels" in self.inputs.digests:  # and their labels (classification)
+            return {"train": self.inputs.digests["train"], "train_labels": self.inputs.digests["train_labels"]}
         if name == "distill":  # reads the train inputs; its input artifact is the teacher
             return {"train": self.inputs.digests["train"]}
         if name == "prune":  # reads the train inputs and the teacher beside its input
@@ -363,7 +376,7 @@ class Builder:
     def evaluate(self, art: Artifact, label: str) -> tuple[dict, Any]:
         import numpy as np
 
-        from compress import evaluate as ev
+        from compress import tasks
         from compress.encoders import open_encoder
 
         scored = {k: v for k, v in self.inputs.digests.items() if k == "heldout" or k.startswith("eval:")}
@@ -372,7 +385,7 @@ class Builder:
         def make(out: Path) -> None:
             self.opts.echo(f"eval {label}: running")
             enc = open_encoder(art, self.recipe.teacher.max_length)
-            metrics, heldout = ev.run(enc, self.inputs.eval_sets, self.inputs.heldout)
+            metrics, heldout = tasks.evaluate(self.recipe.task, enc, self.inputs.eval_sets, self.inputs.heldout)
             np.save(out / "heldout.npy", heldout)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             (out / "meta.json").write_text(json.dumps({"kind": "eval"}))
@@ -405,10 +418,12 @@ class Builder:
 
     def quality(self, art: Artifact, label: str) -> dict:
         from compress import evaluate as ev
+        from compress import tasks
 
         metrics, emb = self.evaluate(art, label)
         t_metrics, t_emb = self.teacher_eval
-        return {"metrics": metrics, "retention": ev.retention(metrics, t_metrics), "fidelity": ev.fidelity(emb, t_emb)}
+        return {"metrics": metrics, "retention": ev.retention(metrics, t_metrics),
+                "fidelity": tasks.fidelity(self.recipe.task, emb, t_emb)}
 
     # -- bench ----------------------------------------------------------------
     def reference_models(self, threads: int) -> list:

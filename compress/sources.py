@@ -48,8 +48,9 @@ def check(source: str, tokenizer: str | None) -> tuple[str, Path]:
     """Validate a teacher source without loading it: (kind, path)."""
     kind, rest = parse(source)
     if kind == "example":
-        if rest != "minilm":
-            raise SourceError(f"teacher.source: unknown example teacher 'example:{rest}' (known: example:minilm)")
+        if rest not in ("minilm", "minilm-polarity"):
+            raise SourceError(f"teacher.source: unknown example teacher 'example:{rest}' "
+                              "(known: example:minilm, example:minilm-polarity)")
         return "hf", example_minilm_dir()
     path = Path(rest).expanduser()
     if not path.exists():
@@ -83,8 +84,12 @@ def _check_onnx_file(path: Path) -> None:
                           "teacher needs input_ids (+ attention_mask) and a sentence_embedding output")
 
 
-def teacher_artifact(source: str, tokenizer: str | None, cache, task: str) -> Artifact:
+def teacher_artifact(source: str, tokenizer: str | None, cache, task: str, echo=None) -> Artifact:
     kind, path = check(source, tokenizer)
+    if source == "example:minilm-polarity":  # fine-tuned here at first use, then cached
+        from compress.classify import polarity_teacher
+
+        return polarity_teacher(cache, task, echo)
     if kind == "hf":
         files = sorted(p for p in path.iterdir() if p.is_file())
         meta = {"task": task, "source": source, "path": str(path), "license": license_of(path)}
