@@ -36,11 +36,11 @@ def artifacts(teacher: Path, work: Path, ops: list[str]) -> dict:
 
     src = Artifact(path=teacher, kind="torch", digest=digest_files(teacher), meta={"task": "embedding"})
     fp32 = export(src, ExportConfig(), ctx("fp32"))
-    models = {"unfused-fp32": fp32, "unfused-int8": quantize(fp32, QuantizeConfig(), ctx("int8"))}
+    models = {"unfused-fp32": fp32, "unfused-int8": quantize(fp32, QuantizeConfig(mode="dynamic"), ctx("int8"))}
     for op in ops:
         fused = fuse(fp32, FuseConfig(op=op), ctx(f"{op}-fp32"))
         models[f"{op}-fp32"] = fused
-        models[f"{op}-int8"] = quantize(fused, QuantizeConfig(), ctx(f"{op}-int8"))
+        models[f"{op}-int8"] = quantize(fused, QuantizeConfig(mode="dynamic"), ctx(f"{op}-int8"))
     return models
 
 

@@ -157,7 +157,8 @@ def train(student, teacher, layers: list[int], texts: list[str], labels: list[in
     import torch
     import torch.nn.functional as F
 
-    from compress.distill import _batches, _pad, bf16_supported, feature_loss, no_dropout, relation_loss, relations
+    from compress.distill import (_batches, _pad, bf16_supported, feature_loss, no_dropout, optimizer,
+                                  relation_loss, relations)
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -172,13 +173,7 @@ def train(student, teacher, layers: list[int], texts: list[str], labels: list[in
     batches = _batches([len(e) for e in encoded], cfg.batch_size)
     steps_per_epoch = len(batches)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup * total)
-    decay = [p for n, p in s_clf.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in s_clf.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: (step + 1) / max(warmup, 1) if step < warmup else max(0.0, (total - step) / max(total - warmup, 1)))
+    opt, sched = optimizer(s_clf, total, cfg.lr, cfg.weight_decay, cfg.warmup)
     use_bf16 = cfg.bf16 and bf16_supported()
     use = {name: name in cfg.losses for name in ("logit", "feature", "attention")}
     pad_id = tokenizer.pad_token_id or 0

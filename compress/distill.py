@@ -73,6 +73,22 @@ def feature_loss(s_pooled, t_pooled, s_states, t_states, mask, cfg: DistillConfi
     return cfg.pooled_weight * pooled + cfg.hidden_weight * hidden, pooled.detach(), hidden.detach()
 
 
+def optimizer(module, total: int, lr: float, weight_decay: float, warmup: float):
+    """AdamW (no weight decay on biases and norms) with a linear warm-up over the
+    `warmup` share of `total` steps, then a linear decay to 0: the schedule of
+    every distillation loop (embedding, classification, causal LM)."""
+    import torch
+
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    steps = int(warmup * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: (step + 1) / max(steps, 1) if step < steps else max(0.0, (total - step) / max(total - steps, 1)))
+    return opt, sched
+
+
 def no_dropout(model) -> None:
     """Dropout only blurs the function the student copies."""
     import torch
@@ -106,14 +122,7 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     batches = _batches([len(e) for e in encoded], cfg.batch_size)
     steps_per_epoch = len(batches)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup * total)
-
-    decay = [p for n, p in s_enc.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in s_enc.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: (step + 1) / max(warmup, 1) if step < warmup else max(0.0, (total - step) / max(total - warmup, 1)))
+    opt, sched = optimizer(s_enc, total, cfg.lr, cfg.weight_decay, cfg.warmup)
     use_bf16 = cfg.bf16 and bf16_supported()
     use_feature, use_attention = "feature" in cfg.losses, "attention" in cfg.losses
     pad_id = tokenizer.pad_token_id or 0

@@ -146,20 +146,12 @@ def sample_continuations(model, prompts, max_new_tokens: int, temperature: float
     return seqs, keep
 
 
-def _schedule(opt, total: int, warmup: int):
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: (step + 1) / max(warmup, 1) if step < warmup
-        else max(0.0, (total - step) / max(total - warmup, 1)))
-
-
 def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, progress=None,
           desc: str = "distill") -> dict:
     """Distil `student` (in place) towards `teacher` on `texts`; returns stats."""
     import torch
 
-    from compress.distill import no_dropout
+    from compress.distill import no_dropout, optimizer
     from compress.losses import generalized_jsd, hard_label_ce, logit_kl
 
     torch.manual_seed(cfg.seed)
@@ -184,11 +176,7 @@ def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, p
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     total = cfg.max_steps or len(batches) * cfg.epochs
 
-    decay = [p for p in student.parameters() if p.ndim >= 2]
-    no_decay = [p for p in student.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = _schedule(opt, total, int(cfg.warmup * total))
+    opt, sched = optimizer(student, total, cfg.lr, cfg.weight_decay, cfg.warmup)
     bar = progress(total=total, desc=desc) if progress else None
 
     def logits(model, ids, mask):

@@ -192,6 +192,9 @@ def preflight(recipe: Recipe, targets: list[str]):
     if kind == "onnx" and any(n == "quantize" and c.mode == "qat" for n, c in plan):
         raise RecipeError(f"stages.quantize.mode: qat trains the torch model the ONNX came from, but {recipe.teacher.source} "
                           "is ONNX; use an hf: teacher, or mode: static")
+    if kind == "onnx" and any(n == "quantize" and c.mode == "auto" and "qat" in c.candidates for n, c in plan):
+        raise RecipeError(f"stages.quantize.candidates: qat trains the torch model the ONNX came from, but "
+                          f"{recipe.teacher.source} is ONNX; drop qat from the candidates")
     return modules, plan
 
 
@@ -332,9 +335,9 @@ class Builder:
 
         fn, version = stage_function("quantize")
         self.teacher_eval = self.evaluate(self.teacher, "teacher")
-        modes = list(dict.fromkeys(cfg.candidates))
-        records, targets, builds = {}, {}, {}
-        for mode in modes:
+        records, targets, builds, quality = {}, {}, {}, {}
+
+        def candidate(mode: str) -> None:
             mcfg = cfg.model_copy(update={"mode": mode})
             records[mode] = self.run_stage("quantize", fn, version, src, mcfg, self.stage_extra("quantize", mcfg),
                                            accept=self.stage_accept("quantize", mcfg, src),
@@ -342,7 +345,19 @@ class Builder:
             targets[mode] = self.run_stage("target", mod.build, mod.VERSION, records[mode].artifact, tcfg,
                                            label=f"target {tname} ({mode} candidate)")
             builds[mode] = targets[mode].artifact
-        quality = {m: self.quality(a, f"{tname} {m} candidate") for m, a in builds.items()}
+            quality[mode] = self.quality(builds[mode], f"{tname} {mode} candidate")
+
+        listed = list(dict.fromkeys(cfg.candidates))
+        # QAT trains: it is tried last, and only when no post-training candidate passes the gates.
+        post_training = [m for m in listed if m != "qat"] or listed
+        for mode in post_training:
+            candidate(mode)
+        not_tried = [m for m in listed if m not in post_training]
+        if not_tried and not any(rep.gates(self.recipe, quality[m])["passed"] for m in post_training):
+            self.opts.echo(f"quantize: no post-training candidate passes the gates on {tname}; trying qat")
+            candidate("qat")
+            not_tried = []
+        modes = list(builds)
         b = self.recipe.bench
         cond = bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=tcfg.threads, warmup=b.warmup,
                                 runs=CHOICE_RUNS, rounds=CHOICE_ROUNDS, measure_rss=False,
@@ -364,7 +379,8 @@ class Builder:
                  "gate_failures": rep.gates(self.recipe, quality[m])["failed"]} for m in modes},
             cfg.max_fidelity_drop)
         decision = {"candidates": table, "chosen": chosen, "reason": reason, "target": tname,
-                    "conditions": timing["conditions"] if timing else None}
+                    "conditions": timing["conditions"] if timing else None,
+                    "not_tried": {m: "a post-training candidate passed the gates" for m in not_tried}}
         timed = "; " + ", ".join(f"{m} p50 {table[m]['p50_ms']:.2f} ms" for m in modes) if timing else ""
         self.opts.echo(f"quantize: chose {chosen} for {tname} ({reason}{timed})")
         rec, target = records[chosen], targets[chosen]

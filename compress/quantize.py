@@ -455,6 +455,7 @@ def fallback(src: Artifact, cfg: QuantizeConfig, ctx, write: Writer, model: Path
         log.info("quantize: fallback keeps %d node(s) in fp32 (%s): %s", len(keep), keep[-1],
                  "passed" if ok else "still failing")
     chosen = len(steps) - 1 if ok else max(range(len(steps)), key=lambda i: steps[i]["score"])
+    latency = fallback_latency(candidates[0], candidates[chosen], src) if chosen else None
     if candidates[chosen] != model:
         shutil.copyfile(candidates[chosen], model)
     status = ("not needed" if len(steps) == 1 else "passed") if ok else "exhausted"
@@ -465,8 +466,25 @@ def fallback(src: Artifact, cfg: QuantizeConfig, ctx, write: Writer, model: Path
             "fp32_nodes": steps[chosen]["fp32"], "chosen_step": chosen, "steps": steps,
             "sensitivity": ranked, "sensitivity_rows": int(len(feeds[0])),
             "sensitivity_seconds": round(seconds, 3),
-            # The latency this costs is what the build's benchmark measures on the final model.
-            "cost": "FLOPs: flops.int8_share of this stage; latency: the build's benchmark"}
+            # What keeping nodes in fp32 costs: FLOPs in this stage's flops.int8_share, time here.
+            "latency_cost": latency}
+
+
+FALLBACK_TIMING_RUNS = 40
+
+
+def fallback_latency(all_int8: Path, kept: Path, src: Artifact) -> dict:
+    """p50 of the model with nodes kept in fp32 over the all-int8 model, timed in
+    one run (alternating blocks, one session alive at a time, ORT_ENABLE_ALL)."""
+    from compress import bench
+
+    cond = bench.Conditions(warmup=5, runs=FALLBACK_TIMING_RUNS, rounds=4, measure_rss=False,
+                            vocab_size=src.meta.get("vocab_size", 30522))
+    result = bench.run([bench.BenchModel("fp32-kept", "onnx", str(kept)), bench.BenchModel("all-int8", "onnx", str(all_int8))],
+                       cond, reference="all-int8")
+    ratio = result["ratios"]["fp32-kept/all-int8"]
+    return {"p50_ratio": ratio["p50"], "spread": ratio["spread"],
+            "at": {"batch": cond.batch, "seq_len": cond.seq_len, "threads": cond.threads}}
 
 
 def quality_check(src: Artifact, cfg: QuantizeConfig, ctx, tokenizer) -> tuple[Callable[[Path], tuple[bool, dict]], object]:

@@ -147,7 +147,7 @@ class FallbackConfig(Frozen):
 class QuantizeConfig(Frozen):
     dtype: Literal["int8", "fp16"] = Field("int8", description="int8 (CPU, ARM, TensorRT) or fp16 (GPU targets; weights and activations in half precision, io stays fp32)")
     mode: Literal["auto", "dynamic", "static", "qat"] = Field("auto", description="auto: build every mode in `candidates` and keep the fastest on the target that keeps quality; dynamic: activations quantized at run time; static: QDQ with scales calibrated on data.calibration; qat: the torch student fine-tuned with fake int8 in the loop, then exported as QDQ")
-    candidates: list[Literal["dynamic", "static"]] = Field(["dynamic", "static"], min_length=1, description="auto: the modes tried, each built for the target and timed there")
+    candidates: list[Literal["dynamic", "static", "qat"]] = Field(["dynamic", "static"], min_length=1, description="auto: the modes tried, each built for the target and timed there; qat is tried last, only when no post-training candidate passes the gates")
     max_fidelity_drop: float = Field(0.01, ge=0, le=1, description="auto: a candidate may lose at most this much fidelity (mean cosine to the teacher) against the best candidate")
     per_channel: bool = Field(True, description="One scale per output channel instead of per tensor (keeps ~0.015 more fidelity on MiniLM at no measurable cost)")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("percentile", description="static: how activation ranges are chosen from calibration data (qat starts from percentile)")

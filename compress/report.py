@@ -328,7 +328,7 @@ def markdown(report: dict) -> str:
             lines += ["", "## Quantize: sensitivity and fp32 fallback", "",
                       f"Most sensitive MatMuls (1 - cosine to fp32 with only that node in int8): {top}.", "",
                       f"Kept in fp32: {kept} (fallback {fb['status']}: {fb['metric']} check, "
-                      f"{len(fb['steps']) - 1} step(s), budget {fb['max_fp32']}); their latency cost is in the benchmark."]
+                      f"{len(fb['steps']) - 1} step(s), budget {fb['max_fp32']})" + _latency_cost(fb.get("latency_cost")) + "."]
     for st in report["stages"]:
         if "decision" in st:
             lines += ["", "## Quantization mode, chosen by measurement on the target", "", decision_table(st["decision"])]
@@ -372,3 +372,11 @@ def decision_table(decision: dict) -> str:
                     f"{c['fidelity']:.3f} | {_pct(c['retention_min'])} | "
                     f"{'yes' if c['eligible'] else 'no: ' + (c['why_not'] or '')} |")
     return "\n".join(rows) + f"\n\nChosen: {decision['chosen']} ({decision['reason']})."
+
+
+def _latency_cost(cost: dict | None) -> str:
+    if not cost:
+        return ""
+    return (f"; latency with them in fp32: {cost['p50_ratio']:.2f}x the all-int8 model's p50 "
+            f"(spread {cost['spread'][0]:.2f}-{cost['spread'][1]:.2f}, batch {cost['at']['batch']}, "
+            f"sequence {cost['at']['seq_len']}, {cost['at']['threads']} threads)")

@@ -250,3 +250,24 @@ def test_pick_quantization_takes_the_fastest_that_keeps_quality():
     # none keeps quality: the best one is kept and the gates fail the build later
     _, chosen, reason = pick_quantization({"dynamic": cand(1.0, 0.8, ["f"]), "static": cand(0.5, 0.7, ["f"])}, 0.01)
     assert chosen == "dynamic" and reason.startswith("no candidate keeps quality")
+
+
+def test_auto_tries_qat_only_when_post_training_misses_the_gates(project, tmp_path):
+    d = tmp_path / "p"
+    shutil.copytree(project, d, ignore=shutil.ignore_patterns("build"))
+    teacher = Path(report(project)["recipe"]["teacher"]["source"].removeprefix("hf:"))
+    quant = "{candidates: [dynamic, qat], qat_steps: 4, qat_batch_size: 8}"
+    # no gates: dynamic keeps quality, qat is not trained
+    (d / "compress.yaml").write_text(tiny_recipe(teacher, quantize=quant))
+    res = build(d)
+    assert res.returncode == 0, res.stderr
+    decision = report(d)["stages"][2]["decision"]
+    assert set(decision["candidates"]) == {"dynamic"} and "qat" in decision["not_tried"]
+    assert "trying qat" not in res.stderr
+    # a gate no post-training candidate can pass: qat is trained and timed too
+    (d / "compress.yaml").write_text(tiny_recipe(teacher, quantize=quant, gates="{retention: 5.0}"))
+    res = build(d, out="gated")
+    assert res.returncode == 1 and "trying qat" in res.stderr, res.stderr
+    decision = report(d, "gated")["stages"][2]["decision"]
+    assert set(decision["candidates"]) == {"dynamic", "qat"} and not decision["not_tried"]
+    assert all(c["p50_ms"] > 0 for c in decision["candidates"].values())

@@ -177,6 +177,9 @@ def test_fallback_keeps_the_planted_node_in_fp32(planted, tmp_path, mode, measur
     assert fb["steps"][0]["agreement"] < 0.999 <= fb["steps"][1]["agreement"]
     assert fb["status"] == "passed" and fb["fp32_nodes"] == [PLANTED]
     assert _float_weight_matmuls(model) == {PLANTED}
+    # what keeping it costs in time: the kept model against the all-int8 one, in one run
+    cost = fb["latency_cost"]
+    assert cost["p50_ratio"] > 0 and cost["spread"][0] <= cost["p50_ratio"] <= cost["spread"][1]
     assert (art.path / ".scratch").exists() is False
     # the int8 FLOPs lost are exactly the planted node's: 2 * seq * hidden * ffn at batch 1, seq 128
     s, h, f, layers = 128, 32, 64, 2
