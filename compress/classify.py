@@ -18,7 +18,7 @@ import numpy as np
 
 from compress.artifact import Artifact, copy_tokenizer, seal
 from compress.encoders import Encoder, OnnxEncoder
-from compress.errors import SourceError, StageError
+from compress.errors import SourceError
 from compress.recipe import DistillConfig, ExportConfig, PruneConfig
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
     import onnx
     import torch
 
-    from compress.export import compare, random_inputs
+    from compress.export import validate
 
     model = load_hf_classifier(src.path)
     module = make_classifier(model).eval()
@@ -318,17 +318,7 @@ def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
     torch_enc = TorchClassifier(src.path, ctx.max_length)
     onnx_enc = OnnxClassifier(path, ctx.out, ctx.max_length)
     texts = list(ctx.validation_texts)
-    real = compare(onnx_enc.embed(texts), torch_enc.embed(texts))
-    ids, mask = random_inputs(model.config.vocab_size)
-    with torch.inference_mode():
-        ref = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    rand = compare(onnx_enc._run(ids, mask), ref)
-    for name, res in (("held-out texts", real), ("random tokens", rand)):
-        if res["max_abs_diff"] > cfg.max_abs_diff or res["mean_cosine"] < cfg.min_cosine:
-            raise StageError(
-                f"export: ONNX logits disagree with torch on {name}: max |diff| {res['max_abs_diff']:.2e} "
-                f"(allowed {cfg.max_abs_diff:.0e}), mean cosine {res['mean_cosine']:.6f} (need >= {cfg.min_cosine}); "
-                "try another opset (stages.export.opset) or report the model")
+    real, rand = validate(torch_enc, onnx_enc, module, model.config.vocab_size, texts, cfg, "ONNX logits disagree")
     config = model.config
     return seal(ctx.out, "onnx", {
         **src.meta,

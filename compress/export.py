@@ -41,6 +41,27 @@ def random_inputs(vocab_size: int, batch: int = 4, seq: int = 48, seed: int = 0)
     return ids, mask
 
 
+def validate(torch_enc, onnx_enc, module, vocab_size: int, texts: list[str], cfg: ExportConfig,
+             what: str) -> tuple[dict, dict]:
+    """The exported graph against torch on real held-out texts, then on random
+    tokens with ragged padding; a StageError with the numbers beyond cfg's tolerances.
+    `what` starts the message ("ONNX disagrees", "ONNX logits disagree")."""
+    import torch
+
+    real = compare(onnx_enc.embed(texts), torch_enc.embed(texts))
+    ids, mask = random_inputs(vocab_size)
+    with torch.inference_mode():
+        ref = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    rand = compare(onnx_enc._run(ids, mask), ref)
+    for name, res in (("held-out texts", real), ("random tokens", rand)):
+        if res["max_abs_diff"] > cfg.max_abs_diff or res["mean_cosine"] < cfg.min_cosine:
+            raise StageError(
+                f"export: {what} with torch on {name}: max |diff| {res['max_abs_diff']:.2e} "
+                f"(allowed {cfg.max_abs_diff:.0e}), mean cosine {res['mean_cosine']:.6f} (need >= {cfg.min_cosine}); "
+                "try another opset (stages.export.opset) or report the model")
+    return real, rand
+
+
 def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
     import onnx
     import torch
@@ -72,17 +93,7 @@ def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
     torch_enc = TorchEncoder(src.path, max_length)
     onnx_enc = OnnxEncoder(path, ctx.out, max_length)
     texts = list(ctx.validation_texts)
-    real = compare(onnx_enc.embed(texts), torch_enc.embed(texts))
-    ids, mask = random_inputs(model.config.vocab_size)
-    with torch.inference_mode():
-        ref = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    rand = compare(onnx_enc._run(ids, mask), ref)
-    for name, res in (("held-out texts", real), ("random tokens", rand)):
-        if res["max_abs_diff"] > cfg.max_abs_diff or res["mean_cosine"] < cfg.min_cosine:
-            raise StageError(
-                f"export: ONNX disagrees with torch on {name}: max |diff| {res['max_abs_diff']:.2e} "
-                f"(allowed {cfg.max_abs_diff:.0e}), mean cosine {res['mean_cosine']:.6f} (need >= {cfg.min_cosine}); "
-                "try another opset (stages.export.opset) or report the model")
+    real, rand = validate(torch_enc, onnx_enc, module, model.config.vocab_size, texts, cfg, "ONNX disagrees")
     log.info("export: validated on %d texts (max diff %.2e) and random tokens (max diff %.2e)",
              len(texts), real["max_abs_diff"], rand["max_abs_diff"])
     return seal(ctx.out, "onnx", {
