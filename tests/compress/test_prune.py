@@ -150,7 +150,8 @@ def test_layer_removal_equals_the_kept_layers_and_reloads(tiny_teacher, tmp_path
     assert not torch.allclose(_embed(reloaded), _embed(load_hf_encoder(tiny_teacher)), atol=1e-3)
 
 
-def test_layer_count_removes_the_layer_that_does_nothing(tiny_teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("importance", ["taylor", "magnitude"])  # both rank layers by their skip loss
+def test_layer_count_removes_the_layer_that_does_nothing(tiny_teacher, tmp_path, monkeypatch, importance):
     """A layer whose output projections are zero passes its input through (fresh LayerNorms
     are the identity on normalised input): skipping it costs nothing, so it is the one removed,
     and recovery maps the remaining student layers to their own teacher layers."""
@@ -174,7 +175,8 @@ def test_layer_count_removes_the_layer_that_does_nothing(tiny_teacher, tmp_path,
         return real_train(student, teacher, layers, *args, **kwargs)
 
     monkeypatch.setattr(compress.distill, "train", spy)
-    cfg = PruneConfig(layers=1, heads=0, ffn=0, importance_batches=4, recover_steps=2, batch_size=16, max_length=32)
+    cfg = PruneConfig(layers=1, heads=0, ffn=0, importance=importance, importance_batches=4, recover_steps=2,
+                      batch_size=16, max_length=32)
     art = prune(src, cfg, _ctx(tmp_path / "p", src))
     assert art.meta["pruning"]["layers_removed"] == [2] and art.meta["layers"] == [0, 1, 3]
     assert seen == {"layers": [0, 1, 3], "student_layers": 3}
