@@ -19,7 +19,7 @@ import numpy as np
 from compress.artifact import Artifact, copy_tokenizer, seal
 from compress.encoders import Encoder, OnnxEncoder
 from compress.errors import SourceError
-from compress.recipe import DistillConfig, ExportConfig, PruneConfig
+from compress.recipe import DistillConfig, ExportConfig
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def train(student, teacher, layers: list[int], texts: list[str], labels: list[in
 def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     """Stage `distill` for task classification (the embedding stage hands over here)."""
     from compress import prune as pruning
-    from compress.distill import no_dropout
+    from compress.distill import narrow
     from compress.encoders import load_tokenizer
     from compress.models import count_params, every_other_layer
 
@@ -257,15 +257,8 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
     student = derive_student(teacher, layers)
     tokenizer = load_tokenizer(src.path)
-    plan = None
-    if cfg.student.ffn > 0 or cfg.student.heads > 0:
-        # As for embeddings: narrow first (Taylor on the encoder's feature loss), then
-        # distillation recovers what the removed neurons carried.
-        no_dropout(student)
-        pruning.importance(student.base_model, teacher.base_model, layers, ctx.train_texts, tokenizer,
-                           PruneConfig(batch_size=cfg.batch_size, max_length=cfg.max_length))
-        plan = pruning.make_plan(student.base_model, cfg.student.heads, cfg.student.ffn, "taylor")
-        pruning.apply_plan(student.base_model, plan)
+    # As for embeddings: narrow the encoder first; distillation recovers what it carried.
+    plan = narrow(student.base_model, teacher.base_model, layers, ctx.train_texts, tokenizer, cfg)
     label_of = getattr(ctx, "train_labels", None) or {}
     labels = [label_of.get(t, IGNORE) for t in ctx.train_texts] if label_of else None
     stats = train(student, teacher, layers, ctx.train_texts, labels, tokenizer, cfg, ctx.progress)
@@ -294,25 +287,12 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
 def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
     """Stage `export` for task classification: (input_ids, attention_mask) -> logits
     [batch, num_labels], validated against torch like the sentence encoder."""
-    import warnings
-
-    import onnx
-    import torch
-
-    from compress.export import validate
+    from compress.export import to_onnx, validate
 
     model = load_hf_classifier(src.path)
     module = make_classifier(model).eval()
-    dummy = (torch.full((2, 16), 1000, dtype=torch.long), torch.ones((2, 16), dtype=torch.long))
     path = ctx.out / "model.onnx"
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            ONNX_OUTPUT: {0: "batch"}}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, dummy, str(path), input_names=["input_ids", "attention_mask"],
-                          output_names=[ONNX_OUTPUT], dynamic_axes=axes, opset_version=cfg.opset, dynamo=False,
-                          do_constant_folding=True)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    to_onnx(module, path, ONNX_OUTPUT, cfg.opset)
     tokenizer_files = copy_tokenizer(src.path, ctx.out)
 
     torch_enc = TorchClassifier(src.path, ctx.max_length)

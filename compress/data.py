@@ -96,17 +96,22 @@ def load_texts(source: str, field: str | None = None, samples: int | None = None
     return texts[:samples] if samples else texts
 
 
-def _read_jsonl(path: Path, field: str | None, where: str) -> list[str]:
-    if not field:
-        raise SourceError(f"{where}: {path} is JSONL, so it needs 'field' naming the key that holds the text")
-    texts = []
+def jsonl_rows(path: Path, where: str):
+    """(line number, parsed object) of each non-blank line of a JSONL file."""
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield i, json.loads(line)
         except json.JSONDecodeError as exc:
             raise SourceError(f"{where}: {path} line {i} is not JSON ({exc.msg}); write one JSON object per line") from None
+
+
+def _read_jsonl(path: Path, field: str | None, where: str) -> list[str]:
+    if not field:
+        raise SourceError(f"{where}: {path} is JSONL, so it needs 'field' naming the key that holds the text")
+    texts = []
+    for i, row in jsonl_rows(path, where):
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise SourceError(f"{where}: {path} line {i} has no string field '{field}'; set field to the key holding the text")
         if row[field].strip():
@@ -290,13 +295,7 @@ def load_labelled(source: str, field: str | None, label_field: str | None, sampl
                 return load_texts(source, field, samples, where), None
             if not field:
                 raise SourceError(f"{where}: {path} is JSONL, so it needs 'field' naming the key that holds the text")
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SourceError(f"{where}: {path} line {i} is not JSON ({exc.msg}); write one JSON object per line") from None
+            for i, row in jsonl_rows(path, where):
                 if not isinstance(row, dict) or not isinstance(row.get(field), str) or label_field not in row:
                     raise SourceError(f"{where}: {path} line {i} needs a string '{field}' and a '{label_field}'; "
                                       "set field and label_field to the keys holding the text and the label")

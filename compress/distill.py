@@ -246,6 +246,23 @@ def relation_loss(student_rel, teacher_rel, mask):
     return total / len(student_rel)
 
 
+def narrow(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg: DistillConfig) -> dict | None:
+    """Remove cfg.student's share of heads and FFN neurons from the student encoder
+    (in place, Taylor-ranked on the feature loss) before training: distillation then
+    recovers what they carried, at no extra cost (unlike pruning afterwards).
+    Returns the plan to save beside the weights, or None when nothing is removed."""
+    from compress import prune as pruning
+
+    if not (cfg.student.ffn > 0 or cfg.student.heads > 0):
+        return None
+    no_dropout(student)
+    pruning.importance(student, teacher, layers, texts, tokenizer,
+                       PruneConfig(batch_size=cfg.batch_size, max_length=cfg.max_length))
+    plan = pruning.make_plan(student, cfg.student.heads, cfg.student.ffn, "taylor")
+    pruning.apply_plan(student, plan)
+    return plan
+
+
 def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     from compress.encoders import load_tokenizer
     from compress.models import count_params, derive_student, every_other_layer, load_hf_encoder
@@ -262,15 +279,7 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
     student = derive_student(teacher, layers)
     tokenizer = load_tokenizer(src.path)
-    plan = None
-    if cfg.student.ffn > 0 or cfg.student.heads > 0:
-        # Narrow the student before training: distillation then recovers what the
-        # removed neurons carried, at no extra cost (unlike pruning afterwards).
-        no_dropout(student)
-        pruning.importance(student, teacher, layers, ctx.train_texts, tokenizer,
-                           PruneConfig(batch_size=cfg.batch_size, max_length=cfg.max_length))
-        plan = pruning.make_plan(student, cfg.student.heads, cfg.student.ffn, "taylor")
-        pruning.apply_plan(student, plan)
+    plan = narrow(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
     source = TeacherSource(ctx.cache_root, src.digest)
     stats = train(student, teacher, layers, ctx.train_texts, tokenizer, cfg, ctx.progress, source=source)
 

@@ -41,6 +41,24 @@ def random_inputs(vocab_size: int, batch: int = 4, seq: int = 48, seed: int = 0)
     return ids, mask
 
 
+def to_onnx(module, path, output: str, opset: int) -> None:
+    """(input_ids, attention_mask) -> `output`, with dynamic batch and sequence
+    axes, checked with onnx.checker (full_check)."""
+    import onnx
+    import torch
+
+    dummy = (torch.full((2, 16), 1000, dtype=torch.long), torch.ones((2, 16), dtype=torch.long))
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            output: {0: "batch"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter gives the graph patterns ONNX Runtime's
+        # transformer fusions know; its deprecation and tracer notes are noise here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, dummy, str(path), input_names=list(ONNX_INPUTS), output_names=[output],
+                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
 def validate(torch_enc, onnx_enc, module, vocab_size: int, texts: list[str], cfg: ExportConfig,
              what: str) -> tuple[dict, dict]:
     """The exported graph against torch on real held-out texts, then on random
@@ -63,9 +81,6 @@ def validate(torch_enc, onnx_enc, module, vocab_size: int, texts: list[str], cfg
 
 
 def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
-    import onnx
-    import torch
-
     from compress.encoders import OnnxEncoder, TorchEncoder
     from compress.models import load_hf_encoder, make_sentence_encoder
 
@@ -75,17 +90,8 @@ def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
         return classify.export(src, cfg, ctx)
     model = load_hf_encoder(src.path)
     module = make_sentence_encoder(model).eval()
-    dummy = (torch.full((2, 16), 1000, dtype=torch.long), torch.ones((2, 16), dtype=torch.long))
     path = ctx.out / "model.onnx"
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            ONNX_OUTPUT: {0: "batch"}}
-    with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript exporter gives the graph patterns ONNX Runtime's
-        # transformer fusions know; its deprecation and tracer notes are noise here.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, dummy, str(path), input_names=list(ONNX_INPUTS), output_names=[ONNX_OUTPUT],
-                          dynamic_axes=axes, opset_version=cfg.opset, dynamo=False, do_constant_folding=True)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    to_onnx(module, path, ONNX_OUTPUT, cfg.opset)
     tokenizer_files = copy_tokenizer(src.path, ctx.out)
 
     # Validate: real held-out texts, then random tokens with ragged padding.
