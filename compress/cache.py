@@ -80,18 +80,33 @@ class Cache:
             work.mkdir()
             try:
                 make(work)
-                if not (work / META_FILE).is_file():
-                    raise AssertionError(f"cache entry {key} was produced without {META_FILE}")
-                _fsync_tree(work)
-                final = self.entry(key)
-                if final.exists():  # a leftover without meta.json: not an entry
-                    shutil.rmtree(final)
-                os.rename(work, final)
-                _fsync_dir(self.root)
+                final = self._publish(key, work)
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
             return final, False
+
+    def _publish(self, key: str, work: Path) -> Path:
+        if not (work / META_FILE).is_file():
+            raise AssertionError(f"cache entry {key} was produced without {META_FILE}")
+        _fsync_tree(work)
+        final = self.entry(key)
+        if final.exists():  # a leftover without meta.json: not an entry
+            shutil.rmtree(final)
+        os.rename(work, final)
+        _fsync_dir(self.root)
+        return final
+
+    def publish(self, key: str, work: Path) -> Path:
+        """Move a finished directory made outside produce() (a sharded teacher
+        pass fills one from several processes) into place, under the key's lock;
+        if another build published the key meanwhile, theirs stays and ours goes."""
+        with self.lock(key):
+            found = self.get(key)
+            if found:
+                shutil.rmtree(work, ignore_errors=True)
+                return found
+            return self._publish(key, work)
 
     def _clear_stale(self, key: str) -> None:
         # We hold the key's lock, so any temporary directory for this key is

@@ -38,15 +38,37 @@ class _DropNoise(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_build(args) -> int:
+    from compress import distributed
     from compress import recipe as recipes
     from compress.pipeline import BuildOptions, build
 
-    recipe = recipes.load(args.recipe)
+    recipe = recipes.load(args.recipe)  # a bad recipe fails here, once, before any process starts
+    distributed.check_nproc(args.nproc)
+    if args.nproc > 1:
+        distributed.check_recipe(recipe)
+        _echo(f"build: {args.nproc} processes (gloo on CPU, nccl on GPUs)")
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
+    w = distributed.init()
     opts = BuildOptions(targets=args.target or [], out_root=Path(args.out), cache_root=Path(args.cache),
-                        progress=not args.no_progress and sys.stderr.isatty() or args.progress,
-                        bench=not args.no_bench, echo=_echo)
-    reports = build(recipe, opts)
+                        progress=w.main and (not args.no_progress and sys.stderr.isatty() or args.progress),
+                        bench=not args.no_bench, echo=_echo if w.main else (lambda msg: None))
+    try:
+        reports = build(recipe, opts)
+    finally:
+        distributed.shutdown()
     for r in reports:
         print(f"{Path(args.out) / r['target']}: report.json, report.md, provenance.json")
     return 0
@@ -120,6 +142,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-bench", action="store_true", help="skip the benchmark at the end")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+    b.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="distill with N processes on this machine (DistributedDataParallel; default 1)")
     b.set_defaults(func=cmd_build)
 
     be = sub.add_parser("bench", help="benchmark a build against the teacher's alternatives; gate on a baseline")
@@ -144,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     _quiet_libraries()

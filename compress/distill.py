@@ -113,13 +113,17 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
 
     from compress.models import make_sentence_encoder
 
+    from compress import distributed
+
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # the same on every rank: all take the global batches in one order
     no_dropout(student)
     s_enc = make_sentence_encoder(student).train()
+    world = distributed.world() if distributed.collective() else distributed.World()
 
     encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
-    batches = _batches([len(e) for e in encoded], cfg.batch_size)
+    # One global batch per step, dealt out across the ranks (compress/distributed.py).
+    batches = _batches([len(e) for e in encoded], cfg.batch_size * world.size)
     steps_per_epoch = len(batches)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     opt, sched = optimizer(s_enc, total, cfg.lr, cfg.weight_decay, cfg.warmup)
@@ -128,20 +132,27 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     pad_id = tokenizer.pad_token_id or 0
 
     outputs = teacher_outputs(teacher, layers, encoded, pad_id, cfg, source, progress, desc)
-    bar = progress(total=total, desc=desc)
-    step, history = 0, []
+    step_fn = distributed.wrap(student_step(s_enc, cfg.relation_heads if use_attention else 0))
+    bar = progress(total=total, desc=desc) if world.main else _Silent()
+    step, history, seen = 0, [], []
     while step < total:
         order = list(range(steps_per_epoch))
         rng.shuffle(order)
+        epoch_seen = []
         for b in order:
             if step >= total:
                 break
-            ids, mask = _pad([encoded[i] for i in batches[b]], pad_id)
-            t_pooled, t_states, t_rel = outputs.batch(batches[b], ids.shape[1])
+            mine = distributed.deal(batches[b], world.rank, world.size)
+            # Each rank's loss is weighted by its share of the global batch, so the
+            # ranks' averaged gradient is that of the global batch. A rank dealt
+            # nothing (the last, short batch) runs one input at weight 0.
+            weight = len(mine) * world.size / len(batches[b])
+            epoch_seen.extend(mine)
+            rows = mine or list(batches[b][:1])
+            ids, mask = _pad([encoded[i] for i in rows], pad_id)
+            t_pooled, t_states, t_rel = outputs.batch(rows, ids.shape[1])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                _, s_pooled, s_states = s_enc.encode(ids, mask)
-                s_rel = (relations(student.encoder.layer[-1], s_states[-2], mask, cfg.relation_heads)
-                         if use_attention else ())
+                s_pooled, s_states, s_rel = step_fn(ids, mask)
             loss = lp = lh = torch.zeros(())
             if use_feature:
                 loss, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_states[1:]],
@@ -152,7 +163,7 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
                 loss = loss + cfg.attention_weight * la
                 parts["attention"] = la.item()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             torch.nn.utils.clip_grad_norm_(s_enc.parameters(), 1.0)
             opt.step()
             if after_step is not None:
@@ -162,13 +173,62 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
             value = loss.item()
             history.append(value)
             bar.update(1, loss=value, **parts)
+        seen.append(epoch_seen)
     bar.close()
     student.eval()
     head = sum(history[:20]) / max(len(history[:20]), 1)
     tail = sum(history[-20:]) / max(len(history[-20:]), 1)
     log.info("%s: %d steps, loss %.4f -> %.4f", desc, step, head, tail)
     return {"steps": step, "loss_first": head, "loss_last": tail, "bf16": use_bf16,
-            "teacher_forwards": outputs.forwards, "teacher_outputs": outputs.stats()}
+            "teacher_forwards": outputs.forwards, "teacher_outputs": outputs.stats(),
+            "data": coverage(seen, len(encoded), world)}
+
+
+class _Silent:
+    def update(self, n: int = 1, **postfix) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def coverage(seen: list[list[int]], n: int, world) -> dict:
+    """How the inputs were seen, per epoch, over all ranks: `seen` is this rank's
+    input indices of each epoch (an epoch cut short by max_steps included). A
+    complete epoch has seen == distinct == inputs."""
+    from collections import Counter
+
+    from compress import distributed
+
+    ranks = distributed.gather(seen) if world.size > 1 else [seen]
+    epochs = []
+    for e in range(len(seen)):
+        counts = Counter(i for r in ranks for i in r[e])
+        epochs.append({"seen": sum(counts.values()), "distinct": len(counts),
+                       "per_rank": [len(r[e]) for r in ranks]})
+    return {"inputs": n, "ranks": world.size, "epochs": epochs}
+
+
+def student_step(s_enc, relation_heads: int):
+    import torch
+
+    class StudentStep(torch.nn.Module):
+        """One student forward for a distillation step, as a module so that
+        DistributedDataParallel sees (and synchronises) it: the pooled
+        embedding, every hidden state and, with the attention loss, the last
+        layer's relations."""
+
+        def __init__(self, s_enc, relation_heads: int):
+            super().__init__()
+            self.s_enc, self.relation_heads = s_enc, relation_heads
+
+        def forward(self, ids, mask):
+            _, pooled, states = self.s_enc.encode(ids, mask)
+            rel = (relations(self.s_enc.encoder.encoder.layer[-1], states[-2], mask, self.relation_heads)
+                   if self.relation_heads else ())
+            return pooled, states, rel
+
+    return StudentStep(s_enc, relation_heads)
 
 
 def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: DistillConfig, source, progress,
@@ -253,12 +313,17 @@ def narrow(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg
     Returns the plan to save beside the weights, or None when nothing is removed."""
     from compress import prune as pruning
 
+    from compress import distributed
+
     if not (cfg.student.ffn > 0 or cfg.student.heads > 0):
         return None
     no_dropout(student)
-    pruning.importance(student, teacher, layers, texts, tokenizer,
-                       PruneConfig(batch_size=cfg.batch_size, max_length=cfg.max_length))
-    plan = pruning.make_plan(student, cfg.student.heads, cfg.student.ffn, "taylor")
+    plan = None
+    if distributed.world().main or not distributed.collective():  # one ranking, the same on every rank
+        pruning.importance(student, teacher, layers, texts, tokenizer,
+                           PruneConfig(batch_size=cfg.batch_size, max_length=cfg.max_length))
+        plan = pruning.make_plan(student, cfg.student.heads, cfg.student.ffn, "taylor")
+    plan = distributed.broadcast(plan) if distributed.collective() else plan
     pruning.apply_plan(student, plan)
     return plan
 

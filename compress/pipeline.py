@@ -7,18 +7,21 @@ the stages), and writes build/<target>/ atomically at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from compress import data as datamod
-from compress.artifact import Artifact
+from compress import distributed
+from compress.artifact import META_FILE, Artifact
 from compress.cache import Cache, make_key
 from compress.errors import CacheError, GateFailed, RecipeError
 from compress.recipe import ExportConfig, FallbackConfig, QuantizeConfig, Recipe
@@ -244,22 +247,65 @@ class Builder:
             return fn(src, cfg, ctx)
 
         start = time.perf_counter()
-        art, hit = self.cache.artifact(key, make)
+        if distributed.active():
+            art, hit = self.run_stage_ranked(name, key, make)
+        else:
+            art, hit = self.cache.artifact(key, make)
         seconds = time.perf_counter() - start
         self.opts.echo(f"{label}: {'cached' if hit else f'done in {_fmt(seconds)}'} ({art.kind}, {key[:12]})")
         return StageRecord(label, key, art, hit, seconds)
+
+    def run_stage_ranked(self, name: str, key: str, make: Callable[[Path], Artifact]) -> tuple[Artifact, bool]:
+        """run_stage on one rank of a distributed build (compress/distributed.py):
+        the main rank decides hit or miss and owns the cache; a training stage
+        runs on every rank, the others in a scratch directory they then drop;
+        every rank continues from the main rank's entry."""
+        w = distributed.world()
+        hit = distributed.broadcast(self.cache.get(key) is not None if w.main else None)
+        trains = name in distributed.TRAINING_STAGES and not hit
+        art = None
+        with distributed.training() if trains else contextlib.nullcontext():
+            if w.main:
+                art, hit = self.cache.artifact(key, make)
+            elif trains:
+                scratch = Path(tempfile.mkdtemp(prefix=f"rank{w.rank}-{key[:12]}.", dir=self.cache.tmp))
+                try:
+                    make(scratch)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        path = Path(distributed.broadcast(str(art.path) if w.main else None))
+        if not w.main:
+            if not (path / META_FILE).is_file():
+                raise CacheError(f"distributed build: rank {w.rank} cannot see the cache entry {path}; every rank "
+                                 "needs the same cache directory (--cache on a filesystem all nodes share)")
+            art = Artifact.load(path)
+        return art, hit
+
+    @staticmethod
+    def leave_group(w: distributed.World) -> bool:
+        """After the last training stage the ranks part: the main rank goes on
+        alone (no more collectives), the others are done (True)."""
+        distributed.shutdown()
+        return not w.main
 
     # -- the build --------------------------------------------------------
     def build(self) -> list[dict]:
         from compress import sources
 
         modules, plan = preflight(self.recipe, self.opts.targets)
+        w = distributed.world()
+        if w.size > 1:
+            distributed.check_recipe(self.recipe)
         self.inputs = load_inputs(self.recipe)
         self.teacher = sources.teacher_artifact(self.recipe.teacher.source, self.recipe.teacher.tokenizer,
                                                 self.cache, self.recipe.task, echo=self.opts.echo)
         src = self.teacher
         auto = None
-        for name, cfg in plan:
+        # Ranks other than the main one only help train; they stop after the last training stage.
+        last_training = max((i for i, (n, _) in enumerate(plan) if n in distributed.TRAINING_STAGES), default=-1)
+        for i, (name, cfg) in enumerate(plan):
+            if i > last_training and self.leave_group(w):
+                return []
             if name == "export" and src.kind == "onnx":
                 continue  # an ONNX teacher is already exported
             if name == "quantize" and cfg.mode == "auto" and cfg.dtype == "int8":  # fp16 has no modes
@@ -274,6 +320,8 @@ class Builder:
             self.records.append(record)
             src = record.artifact
 
+        if self.leave_group(w):
+            return []
         reports, target_records = [], []
         for tname, (mod, tcfg) in modules.items():
             stages = list(self.records)

@@ -402,6 +402,7 @@ def structure(model) -> dict:
 
 
 def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
+    from compress import distributed
     from compress.distill import no_dropout, train
     from compress.encoders import load_tokenizer
     from compress.models import count_params, load_hf_encoder
@@ -417,16 +418,21 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     no_dropout(student)
     before, shape_before = count_params(student), structure(student)
     # Whole layers go first: heads and neurons are then ranked in the model that remains.
-    removed = layers_to_remove(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
+    # Under --nproc the main rank ranks and the others take its choices, so every rank prunes alike.
+    ranks_here = distributed.world().main or not distributed.collective()
+    removed = layers_to_remove(student, teacher, layers, ctx.train_texts, tokenizer, cfg) if ranks_here else None
+    removed = distributed.broadcast(removed) if distributed.collective() else removed
     kept_layers = [i for i in range(len(student.encoder.layer)) if i not in removed]
     if removed:
         keep_layers(student, kept_layers)
         layers = [layers[i] for i in kept_layers]  # student layer i still learns the same teacher layer
         log.info("prune: removed student layers %s; the rest learn teacher layers %s", removed, layers)
-    if cfg.importance == "taylor" and (cfg.heads > 0 or cfg.ffn > 0):  # the gradients rank heads and neurons only
-        importance(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
-
-    plan = make_plan(student, cfg.heads, cfg.ffn, cfg.importance)
+    plan = None
+    if ranks_here:
+        if cfg.importance == "taylor" and (cfg.heads > 0 or cfg.ffn > 0):  # the gradients rank heads and neurons only
+            importance(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
+        plan = make_plan(student, cfg.heads, cfg.ffn, cfg.importance)
+    plan = distributed.broadcast(plan) if distributed.collective() else plan
     if removed:
         plan["layers"] = kept_layers
     apply_plan(student, plan)

@@ -85,15 +85,21 @@ class PackedWriter:
     """Preallocates a packed array for known row lengths (as an .npy memory map
     when there is a directory, in memory otherwise) and fills it row by row."""
 
-    def __init__(self, directory: Path | None, name: str, lengths: Sequence[int], tail: tuple[int, ...], dtype):
+    def __init__(self, directory: Path | None, name: str, lengths: Sequence[int], tail: tuple[int, ...], dtype,
+                 mode: str = "w+"):
         self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(np.asarray(lengths, dtype=np.int64), out=self.offsets[1:])
         shape = (int(self.offsets[-1]), *tail)
         if directory is None:
             self.data = np.zeros(shape, dtype=dtype)
         else:
-            self.data = np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-            np.save(directory / f"{name}.offsets.npy", self.offsets)
+            if mode == "r+":  # another rank of a sharded run created it
+                self.data = np.lib.format.open_memmap(directory / f"{name}.npy", mode="r+")
+                if self.data.shape != shape:
+                    raise AssertionError(f"{name}: shape {self.data.shape} on disk, {shape} expected")
+            else:
+                self.data = np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+                np.save(directory / f"{name}.offsets.npy", self.offsets)
 
     def put(self, i: int, row: np.ndarray) -> None:
         start, end = self.offsets[i], self.offsets[i + 1]
@@ -201,6 +207,41 @@ class TeacherOutputs:
 RunBatch = Callable[[Any, Any], tuple]
 
 
+class _Writers:
+    """Where compute() puts each batch's outputs: the pooled array and one packed
+    writer per hidden state and relation, allocated (or, on the other ranks of a
+    sharded run, opened) once the output shapes are known."""
+
+    def __init__(self, directory: Path | None, n: int, lengths: list[int], heads: int, shapes: tuple[int, int, int],
+                 mode: str = "w+"):
+        hidden, n_states, n_rel = shapes
+        self.lengths = lengths
+        self.pooled = _alloc(directory, "pooled", (n, hidden), np.float16, mode)
+        self.states = [PackedWriter(directory, f"states_{k}", lengths, (hidden,), np.float16, mode)
+                       for k in range(n_states)]
+        self.relations = [PackedWriter(directory, f"relations_{k}", [heads * m * m for m in lengths], (),
+                                       np.float16, mode) for k in range(n_rel)]
+
+    def put(self, group: list[int], t_pooled, t_states, t_rel) -> None:
+        lengths = self.lengths
+        # fp16 halves the disk and memory of the targets at no cost in signal
+        self.pooled[group] = t_pooled.half().numpy()
+        for writer, batch in zip(self.states, t_states):
+            batch = batch.half().numpy()
+            for j, i in enumerate(group):
+                writer.put(i, batch[j, :lengths[i]])
+        for writer, batch in zip(self.relations, t_rel):
+            batch = batch.half().numpy()
+            for j, i in enumerate(group):
+                writer.put(i, batch[j, :, :lengths[i], :lengths[i]].reshape(-1))
+
+    def finish(self, directory: Path | None, heads: int, forwards: int) -> TeacherOutputs:
+        if isinstance(self.pooled, np.memmap):
+            self.pooled.flush()
+        return TeacherOutputs(self.pooled, [w.finish() for w in self.states], [w.finish() for w in self.relations],
+                              heads, forwards=forwards, path=directory)
+
+
 def compute(directory: Path | None, encoded: Sequence[Sequence[int]], pad_id: int, heads: int,
             run_batch: RunBatch, progress, desc: str) -> TeacherOutputs:
     """Run the teacher over every input once and store its outputs per input."""
@@ -208,40 +249,70 @@ def compute(directory: Path | None, encoded: Sequence[Sequence[int]], pad_id: in
 
     lengths = [len(e) for e in encoded]
     groups = _batches(lengths, TEACHER_BATCH)
-    pooled = states = relations = None
+    writers = None
     bar = progress(total=len(groups), desc=f"{desc}: teacher outputs")
     for group in groups:
         ids, mask = _pad([encoded[i] for i in group], pad_id)
-        t_pooled, t_states, t_rel = run_batch(ids, mask)
-        if pooled is None:  # shapes are known once the teacher has run
-            hidden = t_pooled.shape[-1]
-            pooled = _alloc(directory, "pooled", (len(encoded), hidden), np.float16)
-            states = [PackedWriter(directory, f"states_{k}", lengths, (hidden,), np.float16)
-                      for k in range(len(t_states))]
-            relations = [PackedWriter(directory, f"relations_{k}", [heads * n * n for n in lengths], (), np.float16)
-                         for k in range(len(t_rel))]
-        # fp16 halves the disk and memory of the targets at no cost in signal
-        pooled[group] = t_pooled.half().numpy()
-        for writer, batch in zip(states, t_states):
-            batch = batch.half().numpy()
-            for j, i in enumerate(group):
-                writer.put(i, batch[j, :lengths[i]])
-        for writer, batch in zip(relations, t_rel):
-            batch = batch.half().numpy()
-            for j, i in enumerate(group):
-                writer.put(i, batch[j, :, :lengths[i], :lengths[i]].reshape(-1))
+        out = run_batch(ids, mask)
+        if writers is None:  # shapes are known once the teacher has run
+            writers = _Writers(directory, len(encoded), lengths, heads, _shapes(out))
+        writers.put(group, *out)
         bar.update(1)
     bar.close()
-    if isinstance(pooled, np.memmap):
-        pooled.flush()
-    return TeacherOutputs(pooled, [w.finish() for w in states], [w.finish() for w in relations], heads,
-                          forwards=len(groups), path=directory)
+    return writers.finish(directory, heads, len(groups))
 
 
-def _alloc(directory: Path | None, name: str, shape: tuple, dtype) -> np.ndarray:
+def _shapes(out) -> tuple[int, int, int]:
+    t_pooled, t_states, t_rel = out
+    return int(t_pooled.shape[-1]), len(t_states), len(t_rel)
+
+
+def compute_sharded(directory: Path, encoded: Sequence[Sequence[int]], pad_id: int, heads: int,
+                    runner: Callable[[], RunBatch], progress, desc: str) -> tuple[int, tuple[int, int]]:
+    """compute() split across the ranks of a distributed run: rank r runs the
+    teacher on every world-th group of inputs from group r, and writes its rows
+    into the one entry in `directory` (on a filesystem every rank sees).
+    Returns the teacher forwards this rank ran and the (states, relations) counts."""
+    from compress import distributed
+    from compress.distill import _batches, _pad
+    from compress.errors import CompressError
+
+    w = distributed.world()
+    lengths = [len(e) for e in encoded]
+    groups = _batches(lengths, TEACHER_BATCH)
+    mine = groups[w.rank::w.size]
+    run_batch = runner()
+    first = None
+    if w.main:  # the main rank's first batch gives the shapes; it allocates the files
+        ids, mask = _pad([encoded[i] for i in mine[0]], pad_id)
+        first = run_batch(ids, mask)
+        writers = _Writers(directory, len(encoded), lengths, heads, _shapes(first))
+    shapes = distributed.broadcast(_shapes(first) if w.main else None)
+    if not w.main:
+        try:
+            writers = _Writers(directory, len(encoded), lengths, heads, shapes, mode="r+")
+        except FileNotFoundError:
+            raise CompressError(f"distributed build: rank {w.rank} cannot see {directory}; every rank needs the "
+                                "same cache directory (--cache on a filesystem all nodes share)") from None
+    bar = progress(total=len(mine), desc=f"{desc}: teacher outputs (rank {w.rank}/{w.size})")
+    for n, group in enumerate(mine):
+        if n == 0 and first is not None:
+            out = first
+        else:
+            ids, mask = _pad([encoded[i] for i in group], pad_id)
+            out = run_batch(ids, mask)
+        writers.put(group, *out)
+        bar.update(1)
+    bar.close()
+    writers.finish(directory, heads, len(mine))
+    distributed.barrier()  # every rank's rows are on disk
+    return len(mine), shapes[1:]
+
+
+def _alloc(directory: Path | None, name: str, shape: tuple, dtype, mode: str = "w+") -> np.ndarray:
     if directory is None:
         return np.zeros(shape, dtype=dtype)
-    return np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+    return np.lib.format.open_memmap(directory / f"{name}.npy", mode=mode, dtype=dtype, shape=shape)
 
 
 def open_entry(path: Path) -> TeacherOutputs:
@@ -258,10 +329,14 @@ def obtain(source: TeacherSource | None, encoded: Sequence[Sequence[int]], setti
     complete entry exists (no teacher forward, `runner` never called), else
     computed once, stored and published. runner() gives the batch function,
     loading the teacher model if it must."""
-    if source is None or source.cache_root is None:
+    from compress import distributed
+
+    if source is None or source.cache_root is None:  # in memory: each rank computes all it may need
         return compute(None, encoded, pad_id, heads, runner(), progress, desc)
     key = entry_key(source.digest, encoded, settings)
     cache = Cache(Path(source.cache_root) / DIRNAME)
+    if distributed.collective():
+        return _obtain_sharded(cache, key, source, encoded, settings, pad_id, heads, runner, progress, desc)
     made = {}
 
     def make(work: Path) -> None:
@@ -279,3 +354,50 @@ def obtain(source: TeacherSource | None, encoded: Sequence[Sequence[int]], setti
              outputs.size_bytes() / 1e6)
     return outputs
 
+
+
+def _obtain_sharded(cache: Cache, key: str, source: TeacherSource, encoded, settings: dict, pad_id: int, heads: int,
+                    runner, progress, desc: str) -> TeacherOutputs:
+    """obtain() on every rank of a distributed run: the main rank decides hit or
+    miss; on a miss all ranks fill one entry (compute_sharded) and the main rank
+    publishes it."""
+    import os
+    import time
+
+    from compress import distributed
+    from compress.errors import CompressError
+
+    w = distributed.world()
+    found = cache.get(key) if w.main else None
+    work = None
+    if w.main and found is None:
+        work = cache.tmp / f"{key}.{os.getpid()}.{time.time_ns()}"
+        work.mkdir()
+    found, work = distributed.broadcast((str(found) if found else None, str(work) if work else None))
+    forwards = 0
+    if found is None:
+        work = Path(work)
+        try:
+            forwards, (n_states, n_rel) = compute_sharded(work, encoded, pad_id, heads, runner, progress, desc)
+            total = sum(distributed.gather(forwards))
+            if w.main:
+                meta = {"kind": "teacher-outputs", "key": key, "teacher": source.digest, "inputs": len(encoded),
+                        "settings": settings, "version": VERSION, "states": n_states, "relations": n_rel,
+                        "heads": heads, "forwards": total, "ranks": w.size}
+                (work / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks it complete
+                found = str(cache.publish(key, work))
+        except BaseException:
+            if w.main:
+                import shutil
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        found = distributed.broadcast(found)
+    path = Path(found)
+    if not (path / META_FILE).is_file():
+        raise CompressError(f"distributed build: rank {w.rank} cannot see the teacher outputs in {path}; every rank "
+                            "needs the same cache directory (--cache on a filesystem all nodes share)")
+    outputs = open_entry(path)
+    outputs.cached, outputs.forwards = forwards == 0, forwards
+    log.info("%s: teacher outputs %s (%s on rank %d, %d forwards here)", desc, key[:12],
+             "cached" if forwards == 0 else "computed", w.rank, forwards)
+    return outputs

@@ -59,7 +59,8 @@ def tiny_project(tmp_path_factory, tiny_teacher) -> Path:
     return d
 
 
-def tiny_recipe(teacher: Path, quantize: str = "{}", gates: str = "{}") -> str:
+def tiny_recipe(teacher: Path, quantize: str = "{}", gates: str = "{}",
+                distill: str = "{epochs: 1, batch_size: 16, max_length: 32}") -> str:
     return f"""
 teacher: {{source: "hf:{teacher}", max_length: 64}}
 data:
@@ -67,7 +68,7 @@ data:
   heldout_fraction: 0.1
   eval: [{{source: pairs.jsonl}}]
 stages:
-  - distill: {{epochs: 1, batch_size: 16, max_length: 32}}
+  - distill: {distill}
   - quantize: {quantize}
 targets: {{cpu: {{}}}}
 gates: {gates}
