@@ -73,6 +73,30 @@ def feature_loss(s_pooled, t_pooled, s_states, t_states, mask, cfg: DistillConfi
     return cfg.pooled_weight * pooled + cfg.hidden_weight * hidden, pooled.detach(), hidden.detach()
 
 
+def self_loss(s_pooled, s_states, ids, mask, cfg: DistillConfig, previous=None):
+    """Self-distillation. born-again: the feature loss against `previous`, a
+    frozen trained copy of the student (an encoder as make_sentence_encoder
+    gives), on the pooled embedding and every hidden state. deep-to-shallow: the
+    mean-pooled state after each layer but the last learns the student's own
+    final embedding (detached: the deep end teaches, it is not pulled back), as
+    1 - cosine."""
+    import torch
+    import torch.nn.functional as F
+
+    if cfg.self_mode == "born-again":
+        with torch.no_grad():
+            _, p_pooled, p_states = previous.encode(ids, mask)
+        loss, _, _ = feature_loss(s_pooled, p_pooled.float(), s_states[1:], [p.float() for p in p_states[1:]], mask, cfg)
+        return loss
+    target = s_pooled.detach()
+    m = mask.unsqueeze(-1).to(s_states[0].dtype)
+    terms = []
+    for h in s_states[1:-1]:  # after each layer but the last
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        terms.append((1 - F.cosine_similarity(pooled, target, dim=-1)).mean())
+    return torch.stack(terms).mean() if terms else s_pooled.sum() * 0.0
+
+
 def optimizer(module, total: int, lr: float, weight_decay: float, warmup: float):
     """AdamW (no weight decay on biases and norms) with a linear warm-up over the
     `warmup` share of `total` steps, then a linear decay to 0: the schedule of
@@ -99,7 +123,8 @@ def no_dropout(model) -> None:
 
 
 def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg: DistillConfig,
-          progress, desc: str = "distill", after_step: Callable[[], None] | None = None, source=None) -> dict:
+          progress, desc: str = "distill", after_step: Callable[[], None] | None = None, source=None,
+          previous=None) -> dict:
     """Feature distillation of `student` (in place) towards `teacher`.
 
     Student layer i learns the hidden state after teacher layer layers[i]
@@ -108,6 +133,9 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     Teacher targets come from `source` (a teacher_cache.TeacherSource): with a
     cache root they are stored on disk and reused by later runs, which then
     need no teacher model (teacher may be None) and run no teacher forward.
+    With the `self` loss: `previous` (born-again) is a frozen trained copy of the
+    student whose embedding and hidden states the student also learns; in
+    deep-to-shallow mode every shallower layer learns the student's own embedding.
     """
     import torch
 
@@ -131,10 +159,12 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     use_feature, use_attention = "feature" in cfg.losses, "attention" in cfg.losses
     pad_id = tokenizer.pad_token_id or 0
 
+    use_self = "self" in cfg.losses and (cfg.self_mode == "deep-to-shallow" or previous is not None)
     outputs = teacher_outputs(teacher, layers, encoded, pad_id, cfg, source, progress, desc)
     step_fn = distributed.wrap(student_step(s_enc, cfg.relation_heads if use_attention else 0))
+    p_enc = make_sentence_encoder(previous).eval() if previous is not None else None
     bar = progress(total=total, desc=desc) if world.main else _Silent()
-    step, history, seen = 0, [], []
+    step, history, seen, part_history = 0, [], [], {}
     while step < total:
         order = list(range(steps_per_epoch))
         rng.shuffle(order)
@@ -162,6 +192,10 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
                 la = relation_loss(s_rel, t_rel, mask)
                 loss = loss + cfg.attention_weight * la
                 parts["attention"] = la.item()
+            if use_self:
+                ls = self_loss(s_pooled.float(), [s.float() for s in s_states], ids, mask, cfg, p_enc)
+                loss = loss + cfg.self_weight * ls
+                parts["self_distill"] = ls.item()
             opt.zero_grad(set_to_none=True)
             (loss * weight).backward()
             torch.nn.utils.clip_grad_norm_(s_enc.parameters(), 1.0)
@@ -172,6 +206,8 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
             step += 1
             value = loss.item()
             history.append(value)
+            for k, v in parts.items():
+                part_history.setdefault(k, []).append(v)
             bar.update(1, loss=value, **parts)
         seen.append(epoch_seen)
     bar.close()
@@ -179,7 +215,9 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     head = sum(history[:20]) / max(len(history[:20]), 1)
     tail = sum(history[-20:]) / max(len(history[-20:]), 1)
     log.info("%s: %d steps, loss %.4f -> %.4f", desc, step, head, tail)
+    parts_log = {k: (sum(v[:20]) / len(v[:20]), sum(v[-20:]) / len(v[-20:])) for k, v in part_history.items() if v}
     return {"steps": step, "loss_first": head, "loss_last": tail, "bf16": use_bf16,
+            "losses": {k: {"first": a, "last": b} for k, (a, b) in parts_log.items()},
             "teacher_forwards": outputs.forwards, "teacher_outputs": outputs.stats(),
             "data": coverage(seen, len(encoded), world)}
 
@@ -328,6 +366,28 @@ def narrow(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg
     return plan
 
 
+def born_again(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg: DistillConfig, progress,
+               source, first: dict) -> dict:
+    """Generations 2..cfg.generations of born-again self-distillation: each
+    starts from the trained student and learns from the teacher and from a
+    frozen copy of the generation before (the teacher's outputs come from the
+    cache the first generation filled). Returns the last generation's stats,
+    with every generation's under `generations`."""
+    import copy
+
+    runs = [first]
+    for g in range(2, cfg.generations + 1):
+        previous = copy.deepcopy(student).eval()
+        for p in previous.parameters():
+            p.requires_grad_(False)
+        gen_cfg = cfg.model_copy(update={"seed": cfg.seed + g - 1})  # another order of batches
+        runs.append(train(student, teacher, layers, texts, tokenizer, gen_cfg, progress,
+                          desc=f"distill: generation {g}", source=source, previous=previous))
+    keep = ("steps", "loss_first", "loss_last", "losses")
+    return {**runs[-1], "generations": [{k: r.get(k) for k in keep} for r in runs],
+            "steps": sum(r["steps"] for r in runs)}
+
+
 def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     from compress.encoders import load_tokenizer
     from compress.models import count_params, derive_student, every_other_layer, load_hf_encoder
@@ -347,6 +407,8 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     plan = narrow(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
     source = TeacherSource(ctx.cache_root, src.digest)
     stats = train(student, teacher, layers, ctx.train_texts, tokenizer, cfg, ctx.progress, source=source)
+    if "self" in cfg.losses and cfg.self_mode == "born-again":
+        stats = born_again(student, teacher, layers, ctx.train_texts, tokenizer, cfg, ctx.progress, source, stats)
 
     student.save_pretrained(str(out), safe_serialization=True)
     if plan is not None:

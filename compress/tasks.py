@@ -25,16 +25,26 @@ def check_recipe(recipe) -> None:
     """A task's needs from data, losses and stages: one line naming the field and the fix."""
     d = recipe.data
     distill = next((e.distill for e in recipe.stages if e.distill is not None), None)
+    if distill is not None and "generations" in distill.model_fields_set \
+            and not ("self" in distill.losses and distill.self_mode == "born-again"):
+        raise RecipeError("stages.distill.generations: generations are born-again self-distillation; add self to "
+                          "losses (self_mode: born-again) or drop generations")
     if recipe.task == "embedding":
         if distill is not None and "logit" in distill.losses:
             raise RecipeError("stages.distill.losses: logit needs class logits (task classification); "
                               "use feature and/or attention for task embedding")
+        if distill is not None and "self" in distill.losses and not {"feature", "attention"} & set(distill.losses):
+            raise RecipeError("stages.distill.losses: self needs feature and/or attention beside it (they bring the "
+                              "teacher's knowledge that self-distillation refines); e.g. losses: [feature, self]")
         for where, s in [("data.train", d.train), *((f"data.eval[{i}]", e) for i, e in enumerate(d.eval))]:
             if s.label_field is not None:
                 raise RecipeError(f"{where}.label_field: labels are read for task classification only; "
                                   "drop label_field or set task: classification")
         return
     # classification
+    if distill is not None and "self" in distill.losses:
+        raise RecipeError("stages.distill.losses: self is implemented for task embedding; classification distills "
+                          "with logit (and feature/attention) for now")
     teacher = recipe.teacher.source
     if teacher.startswith("onnx:") or teacher.endswith(".onnx"):
         raise RecipeError(f"teacher.source: task classification needs a Hugging Face sequence classifier "

@@ -159,3 +159,74 @@ def test_relation_heads_must_divide_the_width(tiny_teacher, tmp_path):
     cfg = DistillConfig(losses=["feature", "attention"], relation_heads=5, max_steps=1, batch_size=16, max_length=32)
     with pytest.raises(RecipeError, match="relation_heads 5 does not divide the attention width 32"):
         distill(teacher_artifact(tiny_teacher), cfg, context(tmp_path, make_texts(40)))
+
+
+def _shallow_to_final_cosine(model_dir, texts) -> float:
+    """Mean cosine between the mean-pooled state after the first layer and the final embedding."""
+    import torch
+    import torch.nn.functional as F
+
+    from compress.distill import _pad
+    from compress.encoders import load_tokenizer
+    from compress.models import make_sentence_encoder
+
+    ids, mask = _pad(load_tokenizer(model_dir)(texts)["input_ids"], 0)
+    with torch.inference_mode():
+        _, pooled, states = make_sentence_encoder(load_hf_encoder(model_dir)).encode(ids, mask)
+    m = mask.unsqueeze(-1).float()
+    shallow = (states[1] * m).sum(1) / m.sum(1)
+    return float(F.cosine_similarity(shallow, pooled, dim=-1).mean())
+
+
+def _untrained_fidelity(teacher_dir, held, tmp_path) -> float:
+    raw = tmp_path / "raw"
+    derive_student(load_hf_encoder(teacher_dir), [1, 3]).save_pretrained(raw)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (raw / f).write_bytes((teacher_dir / f).read_bytes())
+    return fidelity(TorchEncoder(raw, 64).embed(held), TorchEncoder(teacher_dir, 64).embed(held))["cosine"]
+
+
+def test_born_again_self_distillation(peaked_teacher, tmp_path):
+    """Generation 2 starts from the trained student and learns from the teacher
+    and from a frozen copy of generation 1: its loss falls, and the student ends
+    closer to the teacher than the undistilled student."""
+    cfg = DistillConfig(student=StudentConfig(ffn=0), losses=["feature", "self"], generations=2, epochs=2,
+                        batch_size=16, max_length=32, lr=1e-3)
+    art = distill(teacher_artifact(peaked_teacher), cfg, context(tmp_path / "ba", make_texts(320)))
+    gens = art.meta["generations"]
+    assert len(gens) == 2 and "self_distill" not in gens[0]["losses"] and "self_distill" in gens[1]["losses"]
+    assert gens[1]["loss_last"] < gens[1]["loss_first"]
+    assert gens[1]["losses"]["pooled"]["last"] < gens[0]["losses"]["pooled"]["first"]
+    assert art.meta["steps"] == gens[0]["steps"] + gens[1]["steps"]
+    held = make_texts(60, seed=99)
+    trained = fidelity(TorchEncoder(art.path, 64).embed(held), TorchEncoder(peaked_teacher, 64).embed(held))["cosine"]
+    assert trained > _untrained_fidelity(peaked_teacher, held, tmp_path) + 0.02
+
+
+def test_deep_to_shallow_self_distillation(peaked_teacher, tmp_path):
+    """The shallower layer learns the student's own final embedding: the self
+    loss falls, the first layer's pooled state ends closer to the final
+    embedding than with feature distillation alone, and the student still
+    learns the teacher."""
+    base = dict(student=StudentConfig(ffn=0), epochs=2, batch_size=16, max_length=32, lr=1e-3)
+    train, held = make_texts(320), make_texts(60, seed=99)
+    d2s = distill(teacher_artifact(peaked_teacher),
+                  DistillConfig(losses=["feature", "self"], self_mode="deep-to-shallow", self_weight=5.0, **base),
+                  context(tmp_path / "d2s", train))
+    plain = distill(teacher_artifact(peaked_teacher), DistillConfig(**base), context(tmp_path / "plain", train))
+    part = d2s.meta["losses"]["self_distill"]
+    assert part["last"] < part["first"]
+    assert _shallow_to_final_cosine(d2s.path, held) > _shallow_to_final_cosine(plain.path, held)
+    trained = fidelity(TorchEncoder(d2s.path, 64).embed(held), TorchEncoder(peaked_teacher, 64).embed(held))["cosine"]
+    assert trained > _untrained_fidelity(peaked_teacher, held, tmp_path) + 0.02
+
+
+def test_self_needs_a_teacher_loss_and_generations_need_self():
+    from compress.errors import RecipeError
+    from compress.recipe import parse
+
+    with pytest.raises(RecipeError, match="self needs feature and/or attention"):
+        parse({"stages": [{"distill": {"losses": ["self"]}}]})
+    with pytest.raises(RecipeError, match="generations are born-again"):
+        parse({"stages": [{"distill": {"generations": 3}}]})
+    parse({"stages": [{"distill": {"losses": ["feature", "self"], "generations": 3}}]})
