@@ -358,12 +358,13 @@ class Builder:
                 extra.update(gates=self.recipe.gates.model_dump(mode="json"), teacher=self.teacher.digest,
                              eval={k: v for k, v in self.inputs.digests.items() if k.startswith("eval:")})
             return extra
-        if name == "quantize" and cfg.mode == "static":  # reads the calibration inputs
-            return {"calibration": self.inputs.digests["calibration"]}
+        if name == "quantize" and cfg.mode == "static":  # reads the calibration inputs, truncated to max_length
+            return {"calibration": self.inputs.digests["calibration"], "max_length": self.recipe.teacher.max_length}
         if name == "quantize" and cfg.mode == "qat":  # trains the torch source towards the teacher
             from compress.qat import VERSION as qat_version
             return {"calibration": self.inputs.digests["calibration"], "train": self.inputs.digests["train"],
-                    "teacher": self.teacher.digest, "torch_source": self.torch_source.digest, "qat": qat_version}
+                    "teacher": self.teacher.digest, "torch_source": self.torch_source.digest, "qat": qat_version,
+                    "max_length": self.recipe.teacher.max_length}
         return None
 
     def stage_accept(self, name: str, cfg: Any, src: Artifact) -> Callable[[Path], tuple[bool, dict]] | None:

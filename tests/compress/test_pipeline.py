@@ -271,3 +271,16 @@ def test_auto_tries_qat_only_when_post_training_misses_the_gates(project, tmp_pa
     decision = report(d, "gated")["stages"][2]["decision"]
     assert set(decision["candidates"]) == {"dynamic", "qat"} and not decision["not_tried"]
     assert all(c["p50_ms"] > 0 for c in decision["candidates"].values())
+
+
+def test_static_and_qat_quantize_keys_follow_the_calibration_length():
+    """Calibration rows are truncated to teacher.max_length: another length is another static model."""
+    from compress.pipeline import Builder, BuildOptions, Inputs
+    from compress.recipe import QuantizeConfig, parse
+
+    extras = []
+    for length in (128, 256):
+        b = Builder(parse({"teacher": {"max_length": length}}), BuildOptions(targets=["cpu"]))
+        b.inputs = Inputs([], [], [], digests={"calibration": "c", "train": "t", "heldout": "h"})
+        extras.append(b.stage_extra("quantize", QuantizeConfig(mode="static")))
+    assert extras[0] != extras[1] and extras[0]["calibration"] == extras[1]["calibration"]
