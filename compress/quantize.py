@@ -11,6 +11,8 @@ measured and the most sensitive are kept in fp32 until a quality check passes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import shutil
@@ -154,7 +156,8 @@ class _Reader:
 
 def static_writer(src: Artifact, cfg: QuantizeConfig, texts: list[str], max_length: int,
                   scratch: Path) -> tuple[Writer, dict]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as _quantize_static
 
     from compress.encoders import load_tokenizer
 
@@ -173,12 +176,15 @@ def static_writer(src: Artifact, cfg: QuantizeConfig, texts: list[str], max_leng
 
     def write(model_out: Path, exclude: list[str] = (), only: list[str] | None = None) -> None:
         reader.rewind()
-        quantize_static(
-            str(src.model_file), str(model_out), reader, quant_format=QuantFormat.QDQ,
-            per_channel=cfg.per_channel, op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=list(only or []), nodes_to_exclude=list(exclude),
-            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=method, extra_options=extra, calibration_cache_path=cache)
+        # ONNX Runtime's histogram calibrators print their progress to stdout,
+        # which is the user's (compress build prints its results there).
+        with contextlib.redirect_stdout(io.StringIO()):
+            _quantize_static(
+                str(src.model_file), str(model_out), reader, quant_format=QuantFormat.QDQ,
+                per_channel=cfg.per_channel, op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=list(only or []), nodes_to_exclude=list(exclude),
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=method, extra_options=extra, calibration_cache_path=cache)
 
     return write, {
         "weights": "s8 symmetric", "activations": "s8 symmetric (zero point 0)" if symmetric else "u8 asymmetric",

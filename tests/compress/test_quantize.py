@@ -49,12 +49,13 @@ def _qdq_params(model):
 
 
 @pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])
-def test_static_qdq_each_calibration(fp32, tmp_path, calibration):
+def test_static_qdq_each_calibration(fp32, tmp_path, calibration, capfd):
     import numpy as np
 
     ctx = context(tmp_path, make_texts(5))
     ctx.calibration_texts = make_texts(24, seed=5)
     art = quantize(fp32, QuantizeConfig(mode="static", calibration=calibration), ctx)
+    assert capfd.readouterr().out == ""  # stdout is the user's: the calibrators' chatter stays off it
     model = onnx.load(str(art.model_file))
     onnx.checker.check_model(model, full_check=True)
     ops = Counter(n.op_type for n in model.graph.node)
