@@ -82,10 +82,10 @@ bench: {{seq_len: 32, runs: 4, rounds: 2, warmup: 1, rss: false}}
 """
 
 
-def run_build(cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_build(cwd: Path, *args: str, recipe: str = "compress.yaml", timeout: float = 600) -> subprocess.CompletedProcess:
     # one torch thread (see above); and the compress under test, not whichever one is installed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "compress", "build", "-r", "compress.yaml", "--target", "cpu"],
+    return subprocess.run([sys.executable, "-m", "compress", "build", "-r", recipe, "--target", "cpu", *args],
                           cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -158,6 +158,22 @@ def test_unchanged_rebuild_does_no_stage_work(project):
     res = run_build(project)
     assert res.returncode == 0, res.stderr
     assert "no stage work" in res.stderr + res.stdout
+
+
+def test_quantize_mode_auto_measures_dynamic_and_static_on_the_target(project):
+    """Same distill and export (from the cache), then quantize mode auto: both
+    post-training modes built, scored by next-token fidelity and timed on cpu."""
+    recipe = (project / "compress.yaml").read_text().replace("- quantize: {mode: dynamic}", "- quantize: {}")
+    (project / "auto.yaml").write_text(recipe)
+    res = run_build(project, "--no-bench", "--out", "build-auto", recipe="auto.yaml")
+    assert res.returncode == 0, res.stderr
+    assert "distill: cached" in res.stderr + res.stdout
+    rep = json.loads((project / "build-auto" / "cpu" / "report.json").read_text())
+    decision = next(s["decision"] for s in rep["stages"] if s["stage"] == "quantize")
+    assert set(decision["candidates"]) == {"dynamic", "static"} and decision["chosen"] in decision["candidates"]
+    for c in decision["candidates"].values():
+        assert 0.5 < c["fidelity"] <= 1.0 and c["p50_ms"] > 0
+    assert rep["stages"][-1]["quality"]["retention"]["heldout/agreement"] > 0.5
 
 
 T = {"source": "hf:/nonexistent"}
