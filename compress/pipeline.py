@@ -144,16 +144,16 @@ def load_inputs(recipe: Recipe) -> Inputs:
         return classify.load_inputs(recipe)
     d = recipe.data
     texts = datamod.load_texts(d.train.source, d.train.field, d.train.samples, where="data.train")
-    if recipe.task == "causal-lm":  # eval sets are plain texts, scored like the held-out split
-        load_eval = lambda i, e: datamod.load_text_eval(e.source, e.field, e.samples, f"data.eval[{i}]")  # noqa: E731
-    else:
-        load_eval = lambda i, e: datamod.load_eval(e.source, e.field, e.samples)  # noqa: E731
     train, heldout = datamod.split_heldout(texts, d.heldout_fraction)
     if len(train) < 2 or len(heldout) < 2:
         raise RecipeError(f"data.train: {len(texts)} distinct inputs leave {len(train)} to train on and {len(heldout)} "
                           "held out; give more inputs (hundreds at least) or raise data.heldout_fraction")
     heldout = heldout[:d.heldout_samples]
-    eval_sets = [load_eval(i, e) for i, e in enumerate(d.eval)]
+    if recipe.task == "causal-lm":  # eval sets are plain texts, scored like the held-out split
+        eval_sets = [datamod.load_text_eval(e.source, e.field, e.samples, f"data.eval[{i}]")
+                     for i, e in enumerate(d.eval)]
+    else:
+        eval_sets = [datamod.load_eval(e.source, e.field, e.samples) for e in d.eval]
     if d.calibration is not None:
         calibration = datamod.load_texts(d.calibration.source, d.calibration.field,
                                          d.calibration.samples or CALIBRATION_SAMPLES, where="data.calibration")
