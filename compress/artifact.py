@@ -15,7 +15,9 @@ from typing import Any
 
 META_FILE = "meta.json"
 # Files every text artifact carries so that the directory alone runs the model.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+# vocab.json and merges.txt: byte-level BPE vocabularies (GPT-2) saved without tokenizer.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ CHILD_RUNS = 5
 
 @dataclass(frozen=True)
 class BenchModel:
-    """One model to time: an .onnx file ("onnx") or a Hugging Face model directory ("torch-hf")."""
+    """One model to time: an .onnx file ("onnx") or a Hugging Face model directory
+    ("torch-hf": its base model; "torch-hf-lm": a causal LM with its LM head)."""
 
     name: str
     kind: str
@@ -90,7 +91,7 @@ class Conditions:
     vocab_size: int = 30522
 
 
-KINDS = ("onnx", "torch-hf")
+KINDS = ("onnx", "torch-hf", "torch-hf-lm")
 
 
 # ---------------------------------------------------------------- inputs
@@ -164,9 +165,9 @@ class _OrtRunner:
 class _TorchRunner:
     """A Hugging Face model in fp32, eager PyTorch (no compile), under inference_mode."""
 
-    def __init__(self, name: str, path: str, threads: int):
+    def __init__(self, name: str, path: str, threads: int, causal_lm: bool = False):
         import torch
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoModelForCausalLM
 
         self.torch = torch
         self.previous_threads = torch.get_num_threads()
@@ -178,7 +179,8 @@ class _TorchRunner:
         bar_was_enabled = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            self.model = AutoModel.from_pretrained(path, dtype=torch.float32)
+            auto = AutoModelForCausalLM if causal_lm else AutoModel
+            self.model = auto.from_pretrained(path, dtype=torch.float32)
         except Exception as exc:
             torch.set_num_threads(self.previous_threads)
             raise BenchError(
@@ -189,14 +191,19 @@ class _TorchRunner:
             if bar_was_enabled:
                 hf_logging.enable_progress_bar()
         self.model.eval()
+        self.causal_lm = causal_lm
         self.accepts = set(inspect.signature(self.model.forward).parameters)
 
     def prepare(self, inputs: dict) -> dict:
         # Convert once, outside the timed loop.
         tensors = {}
-        for key in KNOWN_INPUTS:
+        # a causal LM's export takes ids and mask only (GPT-2 would embed token_type_ids as tokens)
+        keys = ("input_ids", "attention_mask") if self.causal_lm else KNOWN_INPUTS
+        for key in keys:
             if key in self.accepts:
                 tensors[key] = self.torch.from_numpy(inputs[key])
+        if self.causal_lm:
+            tensors["use_cache"] = False  # one forward over the whole sequence, as the ONNX graph
         return tensors
 
     def __call__(self, tensors: dict) -> None:
@@ -211,7 +218,7 @@ class _TorchRunner:
 def _open(model_kind: str, name: str, path: str, threads: int):
     if model_kind == "onnx":
         return _OrtRunner(name, path, threads)
-    return _TorchRunner(name, path, threads)
+    return _TorchRunner(name, path, threads, causal_lm=model_kind == "torch-hf-lm")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -365,7 +372,8 @@ def _check(models: list[BenchModel], cond: Conditions, reference: str | None) ->
         if model.kind not in KINDS:
             raise BenchError(
                 f"cannot benchmark {model.name}: kind is {model.kind!r}, expected one of {', '.join(KINDS)}; "
-                f"set kind to 'onnx' for an .onnx file or 'torch-hf' for a Hugging Face model directory"
+                f"set kind to 'onnx' for an .onnx file, 'torch-hf' for a Hugging Face model directory "
+                f"or 'torch-hf-lm' for a causal LM's directory"
             )
         if not os.path.exists(model.path):
             raise BenchError(

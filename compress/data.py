@@ -157,6 +157,22 @@ class EvalSet:
         return texts_digest([self.name, *self.texts, json.dumps(self.pairs), json.dumps(self.human)])
 
 
+@dataclass(frozen=True)
+class TextSet:
+    """A causal-lm eval: plain texts; metrics = next-token agreement with the teacher and perplexity."""
+
+    name: str
+    texts: tuple[str, ...]
+
+    def digest(self) -> str:
+        return texts_digest([self.name, *self.texts])
+
+
+def load_text_eval(source: str, field: str | None, samples: int | None, where: str) -> TextSet:
+    name = source.removeprefix("example:") if source.startswith("example:") else Path(source).stem
+    return TextSet(name, tuple(load_texts(source, field, samples, where=where)))
+
+
 def _word_pairs(name: str, filename: str) -> EvalSet:
     words: dict[str, int] = {}
     pairs, human = [], []

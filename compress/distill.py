@@ -399,6 +399,10 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         from compress import classify
 
         return classify.distill(src, cfg, ctx)
+    if src.meta.get("task") == "causal-lm":  # logit KD and on-policy GKD of a causal LM
+        from compress import lm_distill
+
+        return lm_distill.distill(src, cfg, ctx)
     out: Path = ctx.out
     teacher = load_hf_encoder(src.path)
     layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)

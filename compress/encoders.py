@@ -88,6 +88,10 @@ def open_encoder(art: Artifact, max_length: int, threads: int = 2) -> Encoder:
         from compress.classify import open_classifier
 
         return open_classifier(art, max_length, threads)
+    if art.meta.get("task") == "causal-lm":  # texts -> next-token logits
+        from compress.lm_eval import open_lm
+
+        return open_lm(art, max_length, threads)
     if art.kind == "torch":
         return TorchEncoder(art.path, max_length, threads)
     if art.kind == "onnx":

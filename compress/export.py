@@ -23,6 +23,9 @@ VERSION = 1
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Per row of the last axis (a causal LM's logits: per position)."""
+    if a.ndim > 2:
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     return {"max_abs_diff": float(np.abs(a - b).max()), "mean_cosine": float(cos.mean()),
             "min_cosine": float(cos.min())}
@@ -31,13 +34,14 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 def random_inputs(vocab_size: int, batch: int = 4, seq: int = 48, seed: int = 0):
     """Random tokens with uneven padding: exercises the mask and both dynamic axes."""
     rs = np.random.RandomState(seed)
-    ids = rs.randint(1000, vocab_size, size=(batch, seq)).astype(np.int64)
+    # above the ids BERT-style vocabularies keep for special and unused tokens, when there are more
+    ids = rs.randint(1000 if vocab_size > 1000 else 0, vocab_size, size=(batch, seq)).astype(np.int64)
     mask = np.ones_like(ids)
     for i in range(batch):
         keep = rs.randint(seq // 4, seq + 1)
         mask[i, keep:] = 0
         ids[i, keep:] = 0
-    ids[:, 0] = 101
+    ids[:, 0] = 101 if vocab_size > 101 else 0
     return ids, mask
 
 
@@ -88,6 +92,10 @@ def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
         from compress import classify
 
         return classify.export(src, cfg, ctx)
+    if src.meta.get("task") == "causal-lm":  # next-token logits at every position
+        from compress import lm_distill
+
+        return lm_distill.export(src, cfg, ctx)
     model = load_hf_encoder(src.path)
     module = make_sentence_encoder(model).eval()
     path = ctx.out / "model.onnx"

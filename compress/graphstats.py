@@ -55,7 +55,7 @@ def _attention_flops(node: onnx.NodeProto, shapes: dict) -> tuple[int, int] | No
 
 def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
     """{"int8": FLOPs, "float": FLOPs, "int8_share": int8 / all} of the matrix
-    products (MatMul family) at [batch, seq] inputs. A QDQ MatMul counts as int8
+    products (MatMul family and Gemm) at [batch, seq] inputs. A QDQ MatMul counts as int8
     when both operands come out of DequantizeLinear: ONNX Runtime then runs it
     as an integer kernel."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -82,13 +82,15 @@ def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
             flops["int8" if node.op_type == "QAttention" else "float"] += work[0]
             flops["float"] += work[1]
             continue
-        if node.op_type not in ("MatMul", *INT8_MATMULS):
+        if node.op_type not in ("MatMul", "Gemm", *INT8_MATMULS):
             continue
         a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
         if not a or not out or None in a or None in out:
             unknown += 1
             continue
-        work = 2 * int(np.prod(out)) * a[-1]
+        # Gemm (GPT-2's Conv1D projections export so): A is [M, K], or [K, M] with transA
+        trans_a = next((a_.i for a_ in node.attribute if a_.name == "transA"), 0) if node.op_type == "Gemm" else 0
+        work = 2 * int(np.prod(out)) * (a[0] if trans_a else a[-1])
         int8 = node.op_type in INT8_MATMULS or (
             producer.get(node.input[0]) == "DequantizeLinear" and producer.get(node.input[1]) == "DequantizeLinear")
         flops["int8" if int8 else "float"] += work

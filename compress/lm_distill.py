@@ -1,5 +1,6 @@
-"""Distillation of causal language models (task causal-lm): teacher -> smaller
-student (torch), ready to become the `distill` stage when the task is causal-lm.
+"""Task causal-lm: distillation of causal language models, teacher -> smaller
+student (torch), and the ONNX export; the distill and export stages hand over
+to `distill` and `export` here when meta task says causal-lm.
 
 The student keeps a subset of the teacher's transformer blocks, initialised
 from them (`derive_student`; GPT-2 family `transformer.h`, Llama family
@@ -20,7 +21,7 @@ from them (`derive_student`; GPT-2 family `transformer.h`, Llama family
   1 reverse KL). The other batches use the same divergence on the train texts.
 
 Both can be listed; their losses add. Retention metrics are in compress/lm_eval.py;
-`export_causal_lm` writes the ONNX graph the targets would run.
+`export_causal_lm` writes the ONNX graph the targets run.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import random
 import warnings
 from pathlib import Path
 
+from compress.artifact import Artifact, copy_tokenizer, seal
 from compress.errors import RecipeError, SourceError
-from compress.recipe import LmDistillConfig
+from compress.recipe import ExportConfig, LmDistillConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,33 @@ def blocks_path(model) -> str:
             return path
     raise SourceError(f"causal LM {type(model).__name__} has neither transformer.h (GPT-2 family) nor "
                       "model.layers (Llama family); compress distills those two causal-lm families")
+
+
+def check_teacher(source: str) -> None:
+    """A causal-lm teacher must be a causal LM; found from its config, before any stage runs."""
+    import json
+
+    from compress import sources
+
+    _, path = sources.check(source, None)
+    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise SourceError(f"teacher.source: {path} is a {', '.join(archs) or 'model without architectures'}, not a "
+                          "causal language model; task causal-lm needs an AutoModelForCausalLM directory "
+                          "(GPT-2 or Llama family, saved with save_pretrained)")
+
+
+def load_causal_lm(path: str | Path):
+    """A Hugging Face causal LM with eager attention (the graph the exporter knows), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"cannot load a causal LM from {path}: {first}; point teacher.source at an "
+                          "AutoModelForCausalLM directory") from exc
+    return model.eval()
 
 
 def derive_student(teacher, layers: list[int]):
@@ -252,7 +281,7 @@ def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, p
 def export_causal_lm(model, path: str | Path, opset: int = 17) -> Path:
     """Export (input_ids, attention_mask) -> logits [batch, sequence, vocab] to
     ONNX with the TorchScript exporter (dynamo=False, as compress/export.py),
-    dynamic batch and sequence axes, no KV cache. Not wired into the pipeline yet."""
+    dynamic batch and sequence axes, no KV cache."""
     import onnx
     import torch
 
@@ -279,3 +308,66 @@ def export_causal_lm(model, path: str | Path, opset: int = 17) -> Path:
                           do_constant_folding=True)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
+
+
+# -- the stages -----------------------------------------------------------------
+
+def distill(src: Artifact, cfg: LmDistillConfig, ctx) -> Artifact:
+    """Stage `distill` for task causal-lm (the embedding stage hands over here)."""
+    from compress.encoders import load_tokenizer
+    from compress.models import count_params, every_other_layer
+
+    teacher = load_causal_lm(src.path)
+    n = len(_get(teacher, blocks_path(teacher)))
+    layers = cfg.layers or every_other_layer(n)
+    student = derive_student(teacher, layers)
+    tokenizer = load_tokenizer(src.path)
+    stats = train(student, teacher, ctx.train_texts, tokenizer, cfg, ctx.progress)
+    stats.pop("history")  # one value per step: the first and last windows are kept
+    student.save_pretrained(str(ctx.out), safe_serialization=True)
+    return seal(ctx.out, "torch", {
+        **src.meta,
+        "parent": src.digest,
+        "layers": layers,
+        "num_layers": len(layers),
+        "params": count_params(student),
+        "teacher_params": count_params(teacher),
+        "losses": list(cfg.losses),
+        **stats,
+        "train_inputs": len(ctx.train_texts),
+        "tokenizer_files": copy_tokenizer(src.path, ctx.out),
+    })
+
+
+def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
+    """Stage `export` for task causal-lm: (input_ids, attention_mask) -> logits
+    [batch, sequence, vocab], validated against torch on held-out texts (every
+    real position) and random tokens with ragged padding."""
+    from compress.export import validate
+    from compress.lm_eval import OnnxLm, TorchLm
+
+    model = load_causal_lm(src.path)
+    path = export_causal_lm(model, ctx.out / "model.onnx", cfg.opset)
+    tokenizer_files = copy_tokenizer(src.path, ctx.out)
+
+    def logits(ids, mask):
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    texts = list(ctx.validation_texts)
+    real, rand = validate(TorchLm(src.path, ctx.max_length, model), OnnxLm(path, ctx.out, ctx.max_length),
+                          logits, model.config.vocab_size, texts, cfg, "ONNX logits disagree")
+    config = model.config
+    return seal(ctx.out, "onnx", {
+        **src.meta,
+        "parent": src.digest,
+        "precision": "fp32",
+        "opset": cfg.opset,
+        "inputs": {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]},
+        "outputs": {"logits": ["batch", "sequence", config.vocab_size]},
+        "model_type": config.model_type,
+        "num_heads": config.num_attention_heads,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "validation": {"texts": real, "random": rand, "num_texts": len(texts)},
+        "tokenizer_files": tokenizer_files,
+    })

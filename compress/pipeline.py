@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 EVAL_VERSION = 1
 CALIBRATION_SAMPLES = 256
 BENCH_VERSION = 2  # 2: the student's fp32 model is measured beside it
-FLOPS_VERSION = 1
+FLOPS_VERSION = 2  # 2: Gemm counted (GPT-2's projections)
 REFERENCE = "teacher-ort-int8"
 STUDENT_FP32 = "student-fp32"
 # quantize mode auto: a short in-run timing of the candidates on their target.
@@ -152,7 +152,11 @@ def load_inputs(recipe: Recipe) -> Inputs:
         raise RecipeError(f"data.train: {len(texts)} distinct inputs leave {len(train)} to train on and {len(heldout)} "
                           "held out; give more inputs (hundreds at least) or raise data.heldout_fraction")
     heldout = heldout[:d.heldout_samples]
-    eval_sets = [datamod.load_eval(e.source, e.field, e.samples) for e in d.eval]
+    if recipe.task == "causal-lm":  # eval sets are plain texts, scored like the held-out split
+        eval_sets = [datamod.load_text_eval(e.source, e.field, e.samples, f"data.eval[{i}]")
+                     for i, e in enumerate(d.eval)]
+    else:
+        eval_sets = [datamod.load_eval(e.source, e.field, e.samples) for e in d.eval]
     if d.calibration is not None:
         calibration = datamod.load_texts(d.calibration.source, d.calibration.field,
                                          d.calibration.samples or CALIBRATION_SAMPLES, where="data.calibration")
@@ -188,6 +192,10 @@ def preflight(recipe: Recipe, targets: list[str]):
         mod.check(cfg, precision)
         modules[name] = (mod, cfg)
     kind, _ = sources.check(recipe.teacher.source, recipe.teacher.tokenizer)
+    if recipe.task == "causal-lm":
+        from compress.lm_distill import check_teacher
+
+        check_teacher(recipe.teacher.source)
     torch_stages = [n for n, _ in plan if n in ("distill", "prune")]
     if kind == "onnx" and torch_stages:
         raise RecipeError(f"stages: {torch_stages[0]} needs a torch teacher, but {recipe.teacher.source} is ONNX; use hf:<dir>, "
@@ -445,18 +453,31 @@ class Builder:
         from compress.encoders import open_encoder
 
         scored = {k: v for k, v in self.inputs.digests.items() if k == "heldout" or k.startswith("eval:")}
+        reference = None
+        if self.recipe.task == "causal-lm" and art.digest != self.teacher.digest:
+            # next-token agreement is with the teacher's tokens: its outputs are an input
+            reference = self.evaluate(self.teacher, "teacher")[1]
+            scored = {**scored, "reference": self.teacher.digest}
         key = make_key(art.digest, "eval", scored, self.recipe.teacher.max_length, EVAL_VERSION)
 
         def make(out: Path) -> None:
             self.opts.echo(f"eval {label}: running")
             enc = open_encoder(art, self.recipe.teacher.max_length)
-            metrics, heldout = tasks.evaluate(self.recipe.task, enc, self.inputs.eval_sets, self.inputs.heldout)
-            np.save(out / "heldout.npy", heldout)
+            metrics, heldout = tasks.evaluate(self.recipe.task, enc, self.inputs.eval_sets, self.inputs.heldout,
+                                              reference)
+            if isinstance(heldout, dict):  # several named arrays (causal-lm)
+                np.savez(out / "outputs.npz", **heldout)
+            else:
+                np.save(out / "heldout.npy", heldout)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             (out / "meta.json").write_text(json.dumps({"kind": "eval"}))
 
         path, hit = self.cache.produce(key, make)
-        return json.loads((path / "metrics.json").read_text()), np.load(path / "heldout.npy")
+        metrics = json.loads((path / "metrics.json").read_text())
+        if (path / "outputs.npz").is_file():
+            with np.load(path / "outputs.npz") as z:
+                return metrics, {k: z[k] for k in z.files}
+        return metrics, np.load(path / "heldout.npy")
 
     def candidate_gates(self, src: Artifact) -> Callable[[Path], tuple[bool, dict]]:
         """The recipe's gates on a candidate ONNX model that runs with src's
@@ -482,39 +503,62 @@ class Builder:
         return accept
 
     def quality(self, art: Artifact, label: str) -> dict:
-        from compress import evaluate as ev
         from compress import tasks
 
         metrics, emb = self.evaluate(art, label)
         t_metrics, t_emb = self.teacher_eval
-        return {"metrics": metrics, "retention": ev.retention(metrics, t_metrics),
+        return {"metrics": metrics, "retention": tasks.retention(self.recipe.task, metrics, t_metrics),
                 "fidelity": tasks.fidelity(self.recipe.task, emb, t_emb)}
 
     # -- bench ----------------------------------------------------------------
     def reference_models(self, threads: int) -> list:
         """The teacher as a user would deploy it without compress: torch eager,
-        ONNX Runtime fp32 with its transformer optimizer, and dynamic int8."""
+        ONNX Runtime fp32 with its transformer optimizer, and dynamic int8. An
+        alternative that cannot be made for this teacher is left out, with the
+        reason in self.skipped_references (the report shows it)."""
         from compress import bench, quantize as q
         from compress.export import VERSION as export_version, export
 
         t = self.teacher
         models = []
+        self.skipped_references = {}
+
+        def attempt(names: tuple[str, ...], make: Callable[[], Artifact]) -> Artifact | None:
+            try:
+                return make()
+            except Exception as exc:  # an optional yardstick: say why it is missing, and build on
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                reason = f"{type(exc).__name__}: {first}"
+                for name in names:
+                    self.skipped_references[name] = reason
+                self.opts.echo(f"bench: {', '.join(names)} skipped ({reason})")
+                return None
+
         if t.kind == "torch":
-            models.append(bench.BenchModel("teacher-torch-fp32", "torch-hf", str(t.path)))
-            fp32 = self.run_stage("export", export, export_version, t, ExportConfig(), label="reference: teacher export").artifact
+            # a causal LM runs with its LM head (AutoModelForCausalLM), as its ONNX export does
+            kind = "torch-hf-lm" if self.recipe.task == "causal-lm" else "torch-hf"
+            models.append(bench.BenchModel("teacher-torch-fp32", kind, str(t.path)))
+            fp32 = attempt(("teacher-ort-fp32", REFERENCE), lambda: self.run_stage(
+                "export", export, export_version, t, ExportConfig(), label="reference: teacher export").artifact)
         else:
             fp32 = t
-        optimized = self.run_stage("optimize-reference", optimize_reference, 1, fp32, ExportConfig(),
-                                   label="reference: teacher ORT transformer optimizer").artifact
+        if fp32 is None:
+            return models
+        optimized = attempt(("teacher-ort-fp32",), lambda: self.run_stage(
+            "optimize-reference", optimize_reference, 1, fp32, ExportConfig(),
+            label="reference: teacher ORT transformer optimizer").artifact)
         # Optimum's dynamic avx512_vnni config: per-tensor int8 weights. Pinned here so
         # the reference does not move when compress's own defaults do.
-        int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32,
-                              QuantizeConfig(mode="dynamic", per_channel=False, fallback=FallbackConfig(enabled=False)),
-                              label="reference: teacher dynamic int8").artifact
+        int8 = attempt((REFERENCE,), lambda: self.run_stage(
+            "quantize", q.quantize, q.VERSION, fp32,
+            QuantizeConfig(mode="dynamic", per_channel=False, fallback=FallbackConfig(enabled=False)),
+            label="reference: teacher dynamic int8").artifact)
         tok = [str(t.path / n) for n in fp32.meta.get("tokenizer_files", [])]
-        models.append(bench.BenchModel("teacher-ort-fp32", "onnx", str(optimized.model_file),
-                                       (str(optimized.model_file), *tok)))
-        models.append(bench.BenchModel(REFERENCE, "onnx", str(int8.model_file), (str(int8.model_file), *tok)))
+        if optimized is not None:
+            models.append(bench.BenchModel("teacher-ort-fp32", "onnx", str(optimized.model_file),
+                                           (str(optimized.model_file), *tok)))
+        if int8 is not None:
+            models.append(bench.BenchModel(REFERENCE, "onnx", str(int8.model_file), (str(int8.model_file), *tok)))
         return models
 
     def benchmark(self, final: Artifact, fp32_build: Artifact | None = None) -> dict:
@@ -528,7 +572,7 @@ class Builder:
             models.append(bench.BenchModel(STUDENT_FP32, "onnx", str(fp32_build.model_file),
                                            tuple(str(p) for p in fp32_build.files())))
         models += self.reference_models(b.threads) if b.teacher else []
-        reference = REFERENCE if b.teacher else None
+        reference = REFERENCE if any(m.name == REFERENCE for m in models) else None
         key = make_key(final.digest, [(m.name, m.kind, _file_digest(m.path)) for m in models], b.model_dump(),
                        machine_fingerprint(), BENCH_VERSION)
 
@@ -542,7 +586,8 @@ class Builder:
         result, hit = self.cache.json(key, make)
         if hit:
             self.opts.echo("bench: cached (same models, conditions and machine)")
-        return result
+        skipped = getattr(self, "skipped_references", {}) if b.teacher else {}
+        return {**result, "skipped": skipped} if skipped else result
 
     # -- compute -----------------------------------------------------------------
     def compute_stats(self, final: Artifact, records: list[StageRecord]) -> dict | None:
@@ -657,7 +702,9 @@ def optimize_reference(src: Artifact, cfg: Any, ctx) -> Artifact:
 
     from compress.artifact import seal
 
-    opt = optimize_model(str(src.model_file), model_type="bert", num_heads=src.meta.get("num_heads", 0),
+    # a causal LM's export records its family (gpt2, ...); encoders are BERT-style
+    opt = optimize_model(str(src.model_file), model_type=src.meta.get("model_type", "bert"),
+                         num_heads=src.meta.get("num_heads", 0),
                          hidden_size=src.meta.get("hidden_size", 0), opt_level=1)
     opt.save_model_to_file(str(ctx.out / "model.onnx"))
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
@@ -716,4 +763,7 @@ def bench_build_dir(build_dir: Path, cache_root: Path, runs: int | None = None, 
         models += builder.reference_models(b.threads)
     cond = bench_conditions(b, report["stages"][-1]["meta"].get("vocab_size", 30522), runs=runs, rss=rss)
     echo(f"bench: {len(models)} models, {cond.runs} timed runs each")
-    return bench.run(models, cond, reference=REFERENCE if teacher else None, progress=lambda m: log.info("bench: %s", m))
+    reference = REFERENCE if any(m.name == REFERENCE for m in models) else None
+    result = bench.run(models, cond, reference=reference, progress=lambda m: log.info("bench: %s", m))
+    skipped = getattr(builder, "skipped_references", {}) if teacher else {}
+    return {**result, "skipped": skipped} if skipped else result

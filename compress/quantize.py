@@ -132,13 +132,17 @@ class _Reader:
     row, and padding would put activations the model never uses into the ranges."""
 
     def __init__(self, texts, tokenizer, length: int, inputs: list[str]):
+        # BERT: [CLS] ... [SEP]; a causal LM (GPT-2, Llama): BOS/EOS where it has them
+        sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        head = [first] if first is not None else []
         stream: list[int] = []
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            stream.extend(ids + [tokenizer.sep_token_id])
-        body = length - 1
-        self.rows = [np.array([[tokenizer.cls_token_id] + stream[i:i + body]], dtype=np.int64)
+            stream.extend(ids + ([sep] if sep is not None else []))
+        body = length - len(head)
+        self.rows = [np.array([head + stream[i:i + body]], dtype=np.int64)
                      for i in range(0, len(stream) - body + 1, body)] or \
-            [np.array([[tokenizer.cls_token_id] + stream[:body]], dtype=np.int64)]
+            [np.array([head + stream[:body]], dtype=np.int64)]
         self.inputs = inputs
         self.i = 0
 

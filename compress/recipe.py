@@ -6,10 +6,12 @@ schema` prints the JSON Schema of `Recipe`. Field names are stable API.
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from compress.errors import RecipeError
 
@@ -19,7 +21,7 @@ class Frozen(BaseModel):
 
 
 class TeacherConfig(Frozen):
-    source: str = Field("example:minilm", description="hf:<dir> | example:minilm | onnx:<file> (ONNX teachers are eval-only: no distill)")
+    source: str = Field("example:minilm", description="hf:<dir> | example:minilm | onnx:<file> (ONNX teachers are eval-only: no distill); causal-lm: hf:<dir> of an AutoModelForCausalLM (GPT-2 or Llama family)")
     tokenizer: str | None = Field(None, description="Tokenizer directory; needed for onnx: teachers, otherwise the teacher's own")
     max_length: int = Field(256, ge=8, le=4096, description="Longest input in tokens; longer inputs are truncated")
 
@@ -40,7 +42,7 @@ class DataConfig(Frozen):
         default_factory=lambda: [DataSource(source="example:lee-similarity"),
                                  DataSource(source="example:wordsim353"),
                                  DataSource(source="example:simlex999")],
-        description="Task eval sets; retention = metric(build) / metric(teacher) on each")
+        description="Task eval sets; retention = metric(build) / metric(teacher) on each. causal-lm: plain texts (.txt, .jsonl with field, example:corpus), none by default (the held-out split is always scored)")
 
 
 class StudentConfig(Frozen):
@@ -73,6 +75,14 @@ class DistillConfig(Frozen):
     teacher_topk: int = Field(64, ge=1, description="Language-model teachers (planned task causal-lm): logits kept per position in the teacher-output cache, as fp16 values + int32 token ids")
     seed: int = Field(0, description="Seed for initialisation order, shuffling and dropout")
 
+    @field_validator("losses", mode="before")
+    @classmethod
+    def encoder_losses(cls, value: Any) -> Any:
+        if isinstance(value, list) and "on_policy" in value:
+            raise ValueError("on_policy distils a causal language model; set task: causal-lm, or use feature, "
+                             "attention or logit for an encoder")
+        return value
+
 
 class LmDistillConfig(Frozen):
     """Distillation of a causal LM (task causal-lm); compress/lm_distill.py."""
@@ -95,6 +105,43 @@ class LmDistillConfig(Frozen):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     warmup: float = Field(0.06, ge=0, lt=1, description="Share of steps for linear warm-up")
     seed: int = Field(0, description="Seed for shuffling, the on/off-policy draw and sampling")
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_student_block(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "student" in value:
+            raise ValueError("task causal-lm picks the student's blocks with layers: [teacher block indices], "
+                             "not student:; move student.layers to layers (ffn and heads do not apply)")
+        return value
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def lm_losses(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            wrong = [v for v in value if v in ("feature", "attention")]
+            if wrong:
+                raise ValueError(f"{wrong[0]} matches an encoder's hidden states; task causal-lm distils with "
+                                 "logit and/or on_policy")
+        return value
+
+
+# The distill stage's config type depends on the recipe's task, which pydantic
+# validates beside the stages, not above them: Recipe sets it here while its
+# fields are validated, and the distill field reads it (see _distill_kind).
+_TASK: contextvars.ContextVar[str] = contextvars.ContextVar("recipe_task", default="embedding")
+_DISTILL_TAGS = ("encoder", "causal-lm")
+
+
+def _distill_kind(value: Any) -> str:
+    if isinstance(value, LmDistillConfig):
+        return "causal-lm"
+    if isinstance(value, DistillConfig):
+        return "encoder"
+    return "causal-lm" if _TASK.get() == "causal-lm" else "encoder"
+
+
+DistillEntry = Annotated[Union[Annotated[DistillConfig, Tag("encoder")], Annotated[LmDistillConfig, Tag("causal-lm")]],
+                         Discriminator(_distill_kind)]
 class SparsityConfig(Frozen):
     pattern: Literal["none", "unstructured", "2:4"] = Field("none", description="Zeros in the encoder's Linear weights after structured pruning: none; unstructured (smallest |w| per Linear); 2:4 (at most 2 nonzero in every 4 consecutive inputs, for sparse tensor cores); quote it in YAML: '2:4'")
     amount: float = Field(0.5, ge=0, lt=1, description="unstructured: share of each selected Linear's weights set to zero")
@@ -193,7 +240,7 @@ STAGE_ORDER = ["distill", "prune", "export", "fuse", "quantize"]
 
 
 class StageEntry(Frozen):
-    distill: DistillConfig | None = Field(None, description="Teacher -> smaller student (torch)")
+    distill: DistillEntry | None = Field(None, description="Teacher -> smaller student (torch); DistillConfig for embedding and classification, LmDistillConfig for causal-lm")
     prune: PruneConfig | None = Field(None, description="Student -> fewer heads and FFN neurons, then recovery (torch)")
     export: ExportConfig | None = Field(None, description="torch -> validated ONNX (inserted when absent)")
     fuse: FuseConfig | None = Field(None, description="fp32 ONNX -> ONNX with one fused attention op per layer, validated against its input")
@@ -261,7 +308,7 @@ class BenchConfig(Frozen):
 
 class Recipe(Frozen):
     teacher: TeacherConfig = Field(TeacherConfig(), description="The model to compress")
-    task: Literal["embedding", "classification"] = Field("embedding", description="What the model does; decides losses and metrics: embedding (sentence encoder, Spearman on similarity sets), classification (sequence classifier, accuracy on labelled sets)")
+    task: Literal["embedding", "classification", "causal-lm"] = Field("embedding", description="What the model does; decides losses and metrics: embedding (sentence encoder, Spearman on similarity sets), classification (sequence classifier, accuracy on labelled sets), causal-lm (AutoModelForCausalLM, next-token agreement with the teacher and perplexity on held-out texts)")
     data: DataConfig = Field(DataConfig(), description="Train, held-out and eval inputs")
     stages: list[StageEntry] = Field(
         default_factory=lambda: [StageEntry(distill={}), StageEntry(export={}), StageEntry(quantize={})],
@@ -280,6 +327,22 @@ class Recipe(Frozen):
         given.setdefault("export", ExportConfig())
         return [(name, given[name]) for name in STAGE_ORDER if name in given]
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def task_first(cls, data: Any, handler: Any) -> "Recipe":
+        """The task decides how the distill stage and the default eval sets read."""
+        task = data.get("task", "embedding") if isinstance(data, dict) else "embedding"
+        if task == "causal-lm" and isinstance(data, dict):
+            d = data.get("data")
+            if d is None or (isinstance(d, dict) and "eval" not in d):
+                # the default eval sets are similarity pairs; a causal LM is scored on held-out texts
+                data = {**data, "data": {**(d or {}), "eval": []}}
+        token = _TASK.set(task if isinstance(task, str) else "embedding")
+        try:
+            return handler(data)
+        finally:
+            _TASK.reset(token)
+
     @model_validator(mode="after")
     def task_fits(self) -> "Recipe":
         """What a task needs from data and stages, checked before any work."""
@@ -294,7 +357,8 @@ def _where(loc: tuple) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("function-after", "function-before") or str(item).startswith(("function-", "union[")):
+        elif item in ("function-after", "function-before") or str(item).startswith(("function-", "union[")) \
+                or item in _DISTILL_TAGS:
             continue
         else:
             parts.append(("." if parts else "") + str(item))

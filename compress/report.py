@@ -282,6 +282,13 @@ def markdown(report: dict) -> str:
         key, column, fidelity_text = "agreement", "agreement", \
             ("Metrics are accuracy. Fidelity = mean cosine between the teacher's and the artifact's class "
              "probabilities on held-out inputs; agreement = share of them where the predicted classes agree.")
+    if report.get("task") == "causal-lm":
+        key, column, fidelity_text = "agreement", "agreement", \
+            ("Metrics per text set: agreement = share of predicted positions where the artifact's most likely "
+             "next token is the teacher's (teacher-forced; the teacher's own is 1.0, so it is its own retention); "
+             "perplexity = exp(mean next-token loss), retained as teacher perplexity / artifact perplexity. "
+             "Fidelity = mean cosine between the two next-token distributions (each kept to its top 16 tokens) "
+             "on held-out positions; agreement = the held-out next-token agreement.")
     lines += ["## Quality per stage", "",
              "Retention = metric(artifact) / metric(teacher), measured on each artifact as its runtime runs it. "
              + fidelity_text, ""]
@@ -315,6 +322,8 @@ def markdown(report: dict) -> str:
             lines += ["", "| ratio | p50 (median over blocks) | spread | throughput |", "|---|---|---|---|"]
             for name, r in bench["ratios"].items():
                 lines.append(f"| {name} | {r['p50']:.3f} | {r['spread'][0]:.3f}-{r['spread'][1]:.3f} | {r.get('throughput', float('nan')):.2f} |")
+        for name, reason in (bench.get("skipped") or {}).items():
+            lines += ["", f"Not measured: {name} ({reason})."]
         methods = {m.get("energy_mj_per_inference", {}).get("method") for m in bench["models"].values()}
         lines += ["", "Energy: " + "; ".join(sorted(x for x in methods if x))]
     share = s.get("int8_flop_share")

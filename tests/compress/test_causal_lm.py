@@ -1,0 +1,309 @@
+"""Task causal-lm end to end on a tiny GPT-2 teacher (2 blocks, width 32) trained
+here on the grammar of test_lm_distill, with its word-level tokenizer: the
+recipe's rules, the static calibration of a causal LM, and a `compress build`
+to a cpu build whose report has next-token agreement and perplexity retention
+after every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compress.errors import RecipeError, SourceError
+from tests.compress.test_lm_distill import corpus, word_tokenizer
+from tests.stage_helpers import context
+
+ROOT = Path(__file__).resolve().parents[2]
+# The benchmark draws token ids above 1000 (BERT-style vocabularies keep special
+# tokens below): the embedding table is padded past the tokenizer's 35 words, as
+# GPT-2 checkpoints pad theirs to a multiple of 64.
+VOCAB = 1024
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A 2-block GPT-2 trained 80 steps on the grammar, saved with its tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from compress.lm_distill import _pad_right, encode
+
+    torch.manual_seed(0)
+    tok = word_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4, n_inner=64,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    rows = encode(corpus(400, seed=0), tok, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    model.train()
+    for _ in range(80):
+        ids, mask = _pad_right(rng.sample(rows, 32), tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=torch.where(mask.bool(), ids, -100)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    model.eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+RECIPE = """
+teacher: {{source: "hf:{teacher}", max_length: 64}}
+task: causal-lm
+data:
+  train: {{source: train.txt}}
+  heldout_fraction: 0.1
+  eval: [{{source: eval.txt}}]
+stages:
+  - distill: {{layers: [1], losses: [logit, on_policy], lmbda: 0.5, prompt_tokens: 4, max_new_tokens: 8,
+               max_steps: 30, batch_size: 16, lr: 3.0e-3, warmup: 0}}
+  - quantize: {{mode: dynamic}}
+targets: {{cpu: {{}}}}
+bench: {{seq_len: 32, runs: 4, rounds: 2, warmup: 1, rss: false}}
+"""
+
+
+def run_build(cwd: Path, *args: str, recipe: str = "compress.yaml", timeout: float = 600) -> subprocess.CompletedProcess:
+    # one torch thread (see above); and the compress under test, not whichever one is installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "compress", "build", "-r", recipe, "--target", "cpu", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def project(teacher_dir, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("lm-project")
+    (d / "train.txt").write_text("\n".join(corpus(300, seed=21)) + "\n")
+    (d / "eval.txt").write_text("\n".join(corpus(40, seed=22)) + "\n")
+    (d / "compress.yaml").write_text(RECIPE.format(teacher=teacher_dir))
+    res = run_build(d)
+    assert res.returncode == 0, res.stderr
+    return d
+
+
+def test_build_reports_agreement_and_perplexity_retention_per_stage(project):
+    rep = json.loads((project / "build" / "cpu" / "report.json").read_text())
+    assert rep["task"] == "causal-lm"
+    assert [s["stage"] for s in rep["stages"]] == ["distill", "export", "quantize", "target cpu"]
+    names = {"heldout/agreement", "heldout/perplexity", "eval/agreement", "eval/perplexity"}
+    teacher = rep["teacher"]["metrics"]
+    assert set(teacher) == names
+    assert teacher["heldout/agreement"] == 1.0 and teacher["eval/agreement"] == 1.0
+    assert 1.0 < teacher["eval/perplexity"] < 15  # it learned the grammar (35 words)
+    for s in rep["stages"]:
+        q = s["quality"]
+        assert set(q["retention"]) == names
+        for name in ("heldout", "eval"):
+            assert q["retention"][f"{name}/agreement"] == q["metrics"][f"{name}/agreement"]
+            assert q["retention"][f"{name}/perplexity"] == pytest.approx(
+                teacher[f"{name}/perplexity"] / q["metrics"][f"{name}/perplexity"])
+        assert set(q["fidelity"]) == {"cosine", "agreement"}
+        assert q["fidelity"]["agreement"] == q["metrics"]["heldout/agreement"]
+    distill, export, quantize, target = (s["quality"] for s in rep["stages"])
+    # one block of two, distilled: it copies most of the teacher's next tokens
+    assert 0.5 < distill["retention"]["eval/agreement"] < 1.0
+    assert distill["retention"]["eval/perplexity"] > 0.5
+    # export is exact; int8 moves the numbers a little, the cpu build runs the int8 graph as it is
+    assert export["metrics"]["eval/perplexity"] == pytest.approx(distill["metrics"]["eval/perplexity"], rel=1e-4)
+    assert abs(quantize["retention"]["eval/agreement"] - export["retention"]["eval/agreement"]) < 0.1
+    assert target["metrics"]["eval/perplexity"] == pytest.approx(quantize["metrics"]["eval/perplexity"], rel=1e-3)
+    assert rep["summary"]["retention"] == target["retention"]
+
+
+def test_build_records_distillation_export_and_bench(project):
+    rep = json.loads((project / "build" / "cpu" / "report.json").read_text())
+    meta = {s["stage"]: s["meta"] for s in rep["stages"]}
+    assert meta["distill"]["losses"] == ["logit", "on_policy"] and meta["distill"]["layers"] == [1]
+    assert 0 < meta["distill"]["on_policy_steps"] < 30 and meta["distill"]["generated_tokens"] > 0
+    assert meta["export"]["outputs"] == {"logits": ["batch", "sequence", VOCAB]}
+    assert meta["export"]["validation"]["texts"]["max_abs_diff"] < 1e-3
+    assert meta["quantize"]["precision"] == "int8" and meta["target cpu"]["graph"]["int8_kernels"] > 0
+    assert rep["final"]["params"] < rep["teacher"]["params"]
+    # one block of two; the LM head (32 x 1024 per position) is in both
+    compute = rep["summary"]["compute"]
+    assert compute["at"] == {"batch": 1, "seq_len": 32}
+    head, block = 2 * 32 * 32 * VOCAB, 2 * 32 * (32 * 96 + 32 * 32 + 2 * 32 * 64) + 2 * 2 * 32 * 32 * 32
+    assert compute["teacher"]["flops"] == head + 2 * block and compute["student"]["flops"] == head + block
+    bench = rep["bench"]
+    assert bench["conditions"]["seq_len"] == 32 and bench["conditions"]["batch"] == 1
+    measured = set(bench["models"])
+    assert {"student", "student-fp32", "teacher-torch-fp32", "teacher-ort-int8"} <= measured
+    # every teacher alternative is either measured or skipped with its reason
+    for name in ("teacher-ort-fp32", "teacher-ort-int8"):
+        assert name in measured or bench["skipped"][name]
+    md = (project / "build" / "cpu" / "report.md").read_text()
+    assert "heldout/perplexity" in md and "next token" in md
+
+
+def test_unchanged_rebuild_does_no_stage_work(project):
+    res = run_build(project)
+    assert res.returncode == 0, res.stderr
+    assert "no stage work" in res.stderr + res.stdout
+
+
+def test_quantize_mode_auto_measures_dynamic_and_static_on_the_target(project):
+    """Same distill and export (from the cache), then quantize mode auto: both
+    post-training modes built, scored by next-token fidelity and timed on cpu."""
+    recipe = (project / "compress.yaml").read_text().replace("- quantize: {mode: dynamic}", "- quantize: {}")
+    (project / "auto.yaml").write_text(recipe)
+    res = run_build(project, "--no-bench", "--out", "build-auto", recipe="auto.yaml")
+    assert res.returncode == 0, res.stderr
+    assert "distill: cached" in res.stderr + res.stdout
+    rep = json.loads((project / "build-auto" / "cpu" / "report.json").read_text())
+    decision = next(s["decision"] for s in rep["stages"] if s["stage"] == "quantize")
+    assert set(decision["candidates"]) == {"dynamic", "static"} and decision["chosen"] in decision["candidates"]
+    for c in decision["candidates"].values():
+        assert 0.5 < c["fidelity"] <= 1.0 and c["p50_ms"] > 0
+    assert rep["stages"][-1]["quality"]["retention"]["heldout/agreement"] > 0.5
+
+
+T = {"source": "hf:/nonexistent"}
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"task": "causal-lm", "teacher": {"source": "onnx:m.onnx"}}, "teacher.source: task causal-lm distils a torch model"),
+    ({"task": "causal-lm"}, "teacher.source: example:minilm is a BERT encoder"),
+    ({"task": "causal-lm", "teacher": T, "stages": [{"distill": {"losses": ["feature"]}}]},
+     "recipe: stages[0].distill.losses: feature matches an encoder's hidden states"),
+    ({"task": "causal-lm", "teacher": T, "stages": [{"distill": {"student": {"layers": [0]}}}]},
+     "recipe: stages[0].distill: task causal-lm picks the student's blocks with layers:"),
+    ({"task": "causal-lm", "teacher": T, "stages": [{"distill": {"lmbda": 2}}]},
+     "recipe: stages[0].distill.lmbda: Input should be less than or equal to 1"),
+    ({"stages": [{"distill": {"losses": ["on_policy"]}}]},
+     "recipe: stages[0].distill.losses: on_policy distils a causal language model; set task: causal-lm"),
+    ({"task": "causal-lm", "teacher": T, "stages": [{"distill": {}}, {"prune": {}}]},
+     "stages.prune: task causal-lm is not supported by prune yet"),
+    ({"task": "causal-lm", "teacher": T, "stages": [{"fuse": {}}]}, "stages.fuse: task causal-lm is not supported"),
+    ({"task": "causal-lm", "teacher": T, "stages": [{"quantize": {"mode": "qat"}}]}, "stages.quantize: qat"),
+    ({"task": "causal-lm", "teacher": T, "stages": [{"quantize": {"candidates": ["static", "qat"]}}]},
+     "stages.quantize: qat"),
+    ({"task": "causal-lm", "teacher": T, "stages": [{"quantize": {"fallback": {"enabled": True}}}]},
+     "stages.quantize.fallback"),
+    ({"task": "causal-lm", "teacher": T, "data": {"eval": [{"source": "example:lee-similarity"}]}},
+     "data.eval[0]: example:lee-similarity is a similarity set"),
+])
+def test_recipe_errors(recipe, message):
+    from compress.recipe import parse
+
+    with pytest.raises(RecipeError) as exc:
+        parse(recipe)
+    assert str(exc.value).startswith(message)
+    assert "\n" not in str(exc.value)
+
+
+def test_on_policy_and_sampling_settings_come_from_the_recipe():
+    from compress.recipe import DistillConfig, LmDistillConfig, parse, schema
+
+    r = parse({"task": "causal-lm", "teacher": T, "stages": [{"distill": {
+        "layers": [0, 2], "losses": ["on_policy"], "lmbda": 0.25, "beta": 1.0, "sample_temperature": 0.7,
+        "top_p": 0.9, "max_new_tokens": 12}}]})
+    cfg = r.stage_plan()[0][1]
+    assert isinstance(cfg, LmDistillConfig)
+    assert (cfg.losses, cfg.lmbda, cfg.beta, cfg.sample_temperature, cfg.top_p, cfg.max_new_tokens, cfg.layers) == \
+        (["on_policy"], 0.25, 1.0, 0.7, 0.9, 12, [0, 2])
+    # no data.eval: the held-out split is scored (the default similarity sets are for encoders)
+    assert r.data.eval == []
+    # the recipe a report records parses back to the same recipe
+    assert parse(r.model_dump(mode="json", exclude_none=True)) == r
+    # an encoder task still reads distill as before
+    assert isinstance(parse({"stages": [{"distill": {}}]}).stage_plan()[0][1], DistillConfig)
+    refs = json.dumps(schema()["$defs"]["StageEntry"]["properties"]["distill"])
+    assert "LmDistillConfig" in refs and "DistillConfig" in refs
+
+
+def test_bert_teacher_for_causal_lm_exits_2_before_work(tiny_teacher, tmp_path):
+    (tmp_path / "train.txt").write_text("\n".join(corpus(50, seed=1)) + "\n")
+    (tmp_path / "compress.yaml").write_text(f'teacher: {{source: "hf:{tiny_teacher}"}}\ntask: causal-lm\n'
+                                            "data: {train: {source: train.txt}}\n")
+    res = run_build(tmp_path, timeout=120)
+    assert res.returncode == 2
+    assert "is a BertModel, not a causal language model; task causal-lm needs an AutoModelForCausalLM" in res.stderr
+    assert not (tmp_path / ".compress").exists()
+
+
+def test_static_quantization_calibrates_a_causal_lm(teacher_dir, tmp_path):
+    """Calibration rows of a tokenizer without [CLS]/[SEP] (BOS ... EOS ...), and
+    an int8 QDQ graph that predicts nearly as well as the fp32 export."""
+    from compress.artifact import Artifact, digest_files
+    from compress.lm_eval import OnnxLm, score
+    from compress.recipe import ExportConfig, QuantizeConfig
+    from compress import export as ex, quantize as q
+
+    texts = corpus(64, seed=5)
+    src = Artifact(path=teacher_dir, kind="torch", digest=digest_files(teacher_dir), meta={"task": "causal-lm"})
+    fp32 = ex.export(src, ExportConfig(), context(tmp_path / "export", texts, texts[:8]))
+    ctx = context(tmp_path / "static", texts, texts[:8])
+    ctx.calibration_texts = texts
+    int8 = q.quantize(fp32, QuantizeConfig(mode="static"), ctx)
+    assert int8.meta["quantization"]["calibration_rows"] >= 1
+    ops = {n.op_type for n in __import__("onnx").load(str(int8.model_file)).graph.node}
+    assert "QuantizeLinear" in ops
+    a = score(OnnxLm(fp32.model_file, fp32.path, 64), texts[:16])
+    b = score(OnnxLm(int8.model_file, int8.path, 64), texts[:16])
+    assert a["argmax"].shape == b["argmax"].shape
+    # the grammar leaves near ties between words (cat or dog): argmax flips more readily than the loss moves
+    # (measured: perplexity 7.7 -> 8.3, agreement 0.76)
+    assert np.exp(b["nll"] / b["count"]) < 1.15 * np.exp(a["nll"] / a["count"])
+    assert (a["argmax"] == b["argmax"]).mean() > 0.6
+
+
+def test_causal_lm_teacher_check_names_the_fix(tiny_teacher):
+    from compress.lm_distill import check_teacher
+
+    with pytest.raises(SourceError, match="AutoModelForCausalLM"):
+        check_teacher(f"hf:{tiny_teacher}")
+
+
+def test_fidelity_cosine_is_one_for_the_same_distribution_and_lower_otherwise():
+    from compress.lm_eval import fidelity
+
+    ids = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    p = np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]], np.float32)
+    same = fidelity({"heldout/argmax": ids[:, 0], "heldout/topk_ids": ids, "heldout/topk_probs": p},
+                    {"heldout/argmax": ids[:, 0], "heldout/topk_ids": ids, "heldout/topk_probs": p})
+    assert same == {"cosine": pytest.approx(1.0), "agreement": 1.0}
+    swapped = ids[:, [1, 0, 2]]  # the same tokens, the two most likely swapped
+    other = fidelity({"heldout/argmax": swapped[:, 0], "heldout/topk_ids": swapped, "heldout/topk_probs": p},
+                     {"heldout/argmax": ids[:, 0], "heldout/topk_ids": ids, "heldout/topk_probs": p})
+    assert other["agreement"] == 0.0 and 0 < other["cosine"] < 0.9
+
+
+def test_a_teacher_alternative_that_cannot_be_made_is_skipped_with_its_reason(teacher_dir, tmp_path, monkeypatch):
+    from compress import pipeline
+    from compress.artifact import Artifact, digest_files
+    from compress.pipeline import Builder, BuildOptions, Inputs
+    from compress.recipe import parse
+
+    recipe = parse({"task": "causal-lm", "teacher": {"source": f"hf:{teacher_dir}", "max_length": 64}})
+    builder = Builder(recipe, BuildOptions(targets=["cpu"], cache_root=tmp_path / "cache", progress=False))
+    texts = corpus(20, seed=3)
+    builder.inputs = Inputs(train=texts, heldout=texts, eval_sets=[])
+    builder.teacher = Artifact(path=teacher_dir, kind="torch", digest=digest_files(teacher_dir),
+                               meta={"task": "causal-lm"})
+
+    def no_optimizer(src, cfg, ctx):
+        raise ValueError("model type 'gpt2' is not supported here")
+
+    monkeypatch.setattr(pipeline, "optimize_reference", no_optimizer)
+    models = builder.reference_models(threads=1)
+    assert [(m.name, m.kind) for m in models] == [("teacher-torch-fp32", "torch-hf-lm"), ("teacher-ort-int8", "onnx")]
+    assert builder.skipped_references == {"teacher-ort-fp32": "ValueError: model type 'gpt2' is not supported here"}
