@@ -53,8 +53,11 @@ def compute_summary(teacher_params: int | None, student_params: int | None, coun
     def ratio(a, b):
         return a / b if a is not None and b else None
 
-    return {"at": {"batch": counted["batch"], "seq_len": counted["seq_len"]},
-            "counted": "matrix products (MatMul family) in the ONNX graph",
+    at = {"batch": counted["batch"], "seq_len": counted["seq_len"]}
+    if counted.get("input"):
+        at["input"] = counted["input"]
+    return {"at": at,
+            "counted": "matrix products (MatMul family, Gemm) and convolutions (Conv family) in the ONNX graph",
             "teacher": {"params": teacher_params, "flops": counted["teacher_flops"]},
             "student": {"params": student_params, "flops": counted["student_flops"]},
             "params_ratio": ratio(student_params, teacher_params),
@@ -250,7 +253,8 @@ def _compute_md(compute: dict | None) -> list[str]:
     if not compute:
         return []
     at = compute["at"]
-    return [f"Compute: {compute_line(compute)}; FLOPs of one forward at batch {at['batch']}, sequence {at['seq_len']}, "
+    point = f"input {at['input']}" if at.get("input") else f"batch {at['batch']}, sequence {at['seq_len']}"
+    return [f"Compute: {compute_line(compute)}; FLOPs of one forward at {point}, "
             f"counted as {compute['counted']}.", ""]
 
 
@@ -278,7 +282,7 @@ def markdown(report: dict) -> str:
     # classification: accuracy per set, and agreement of predicted classes in the last column
     key, column, fidelity_text = "top10_agreement", "top-10", \
         "Fidelity = mean cosine to the teacher's embeddings on held-out inputs; top-10 = neighbour agreement."
-    if report.get("task") == "classification":
+    if report.get("task") in ("classification", "image-classification"):
         key, column, fidelity_text = "agreement", "agreement", \
             ("Metrics are accuracy. Fidelity = mean cosine between the teacher's and the artifact's class "
              "probabilities on held-out inputs; agreement = share of them where the predicted classes agree.")
@@ -298,8 +302,9 @@ def markdown(report: dict) -> str:
     bench = report.get("bench")
     if bench:
         c = bench["conditions"]
+        point = f"images {c['image_shape']}" if c.get("image_shape") else f"sequence {c['seq_len']}"
         lines += ["", "## Benchmark", "",
-                  f"batch {c['batch']}, sequence {c['seq_len']}, {c['threads']} threads, "
+                  f"batch {c['batch']}, {point}, {c['threads']} threads, "
                   f"{c['runs']} timed runs in {c['rounds']} alternating blocks; "
                   f"onnxruntime {c.get('onnxruntime')}, allow_spinning {c.get('allow_spinning')}, CPU {c.get('cpu')}.", "",
                   "| model | p50 ms | p90 ms | p99 ms | throughput/s (batch %s) | peak RSS MB | size MB | energy mJ/inference |" % c.get("throughput_batch"),
@@ -319,7 +324,9 @@ def markdown(report: dict) -> str:
         lines += ["", "Energy: " + "; ".join(sorted(x for x in methods if x))]
     share = s.get("int8_flop_share")
     if share is not None:
-        lines += ["", f"Share of matrix-product FLOPs in int8 (batch 1, sequence 128): {share:.1%}."]
+        what = ("matrix-product and convolution FLOPs in int8 (batch 1)" if report.get("task") == "image-classification"
+                else "matrix-product FLOPs in int8 (batch 1, sequence 128)")
+        lines += ["", f"Share of {what}: {share:.1%}."]
     for st in report["stages"]:
         fb = st["meta"].get("quantization", {}).get("fallback") if st["stage"] == "quantize" else None
         if fb:
