@@ -315,7 +315,7 @@ data:
   eval: [{{source: test.npz}}]
 stages:
   - distill: {{student: {{layers: [1, 3], channels: 0.5}}, losses: [logit, feature], epochs: 3, batch_size: 32, lr: 5.0e-3}}
-  - quantize: {{mode: static, calibration: minmax}}
+  - quantize: {{mode: auto, calibration: minmax}}
 targets: {{cpu: {{}}}}
 bench: {{runs: 4, rounds: 2, warmup: 1, rss: false}}
 """)
@@ -338,7 +338,11 @@ def test_build_reports_accuracy_retention_params_and_flops(project):
         assert set(q["fidelity"]) == {"cosine", "agreement", "kl"}
     assert rep["stages"][1]["meta"]["inputs"] == {"pixel_values": ["batch", 1, 12, 12]}
     assert rep["stages"][-1]["meta"]["precision"] == "int8"
-    assert rep["stages"][-1]["meta"]["graph"]["int8_kernels"] > 0  # QLinearConv after ORT's optimizations
+    # mode auto built, scored and timed both post-training modes on the target
+    decision = rep["stages"][2]["decision"]
+    assert set(decision["candidates"]) == {"dynamic", "static"} and decision["chosen"] in ("dynamic", "static")
+    assert all(c["p50_ms"] > 0 for c in decision["candidates"].values())
+    assert rep["stages"][-1]["meta"]["graph"]["int8_kernels"] > 0  # QLinearConv / ConvInteger after ORT's optimizations
     assert rep["summary"]["retention"]["test"] > 0.85
     compute = rep["summary"]["compute"]
     assert compute["at"]["input"] == [1, 1, 12, 12]
