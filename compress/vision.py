@@ -538,10 +538,10 @@ def train(student, teacher, keep: list[int], images: Images, cfg, progress, desc
                 parts["logit"] = soft.item()
                 logit_history.append(soft.item())
             if use_feature:
-                lf = sum(((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-6) for s, t in zip(s_states, t_states))
-                lf = lf / max(len(s_states), 1)
+                lf = torch.stack([((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-6)
+                                  for s, t in zip(s_states, t_states)]).mean()
                 loss = loss + cfg.hidden_weight * lf
-                parts["feature"] = float(lf)
+                parts["feature"] = lf.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

@@ -171,6 +171,16 @@ def test_logit_distillation_learns_the_teacher(distilled, teacher_dir):
     assert fidelity(s, t)["agreement"] > 0.85
 
 
+def test_feature_distillation_alone_pulls_block_outputs_to_the_teacher(teacher_dir, tmp_path):
+    from compress.vision import distill
+
+    cfg = DistillConfig(student=StudentConfig(layers=[1, 3], channels=0.5), losses=["feature"], epochs=3,
+                        batch_size=32, lr=5e-3)
+    art = distill(artifact(teacher_dir), cfg, image_context(tmp_path, images(160, seed=4, labelled=False)))
+    assert "logit_loss_first" not in art.meta  # no logit term was trained
+    assert art.meta["loss_last"] < 0.7 * art.meta["loss_first"]
+
+
 def test_export_and_static_int8_match_torch(distilled, tmp_path):
     import onnx
 
@@ -352,3 +362,15 @@ def test_build_reports_accuracy_retention_params_and_flops(project):
     assert rep["bench"]["conditions"]["image_shape"] == [1, 12, 12]
     md = (project / "build" / "cpu" / "report.md").read_text()
     assert "| test |" in md or "test (1.000)" in md
+
+
+def test_bench_of_a_finished_image_build_feeds_images_to_every_model(project):
+    from compress.pipeline import bench_build_dir
+
+    result = bench_build_dir(project / "build" / "cpu", project / ".compress" / "cache", runs=4, teacher=True, rss=True)
+    assert result["conditions"]["image_shape"] == [1, 12, 12]
+    # peak RSS is measured in a child process, which must get image inputs too
+    assert all(m["peak_rss_bytes"] > 0 for m in result["models"].values())
+    assert set(result["models"]) == {"student", "teacher-torch-fp32", "teacher-ort-fp32", "teacher-ort-int8"}
+    prov = json.loads((project / "build" / "cpu" / "provenance.json").read_text())
+    assert prov["data"]["packages"] == {} and prov["teacher"]["package"] is None  # user files, not example data
