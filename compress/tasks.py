@@ -27,6 +27,12 @@ def _has_labels(source) -> bool:
     return Path(source.source).suffix == ".jsonl" and source.label_field is not None
 
 
+def _default(field: str):
+    from compress.recipe import StudentConfig
+
+    return StudentConfig.model_fields[field].default
+
+
 def check_recipe(recipe) -> None:
     """A task's needs from data, losses and stages: one line naming the field and the fix."""
     d = recipe.data
@@ -39,7 +45,9 @@ def check_recipe(recipe) -> None:
         if _is_images(s.source):
             raise RecipeError(f"{where}: {s.source} holds images, task {recipe.task} reads texts; "
                               "set task: image-classification or give text data")
-    if distill is not None and "channels" in distill.student.model_fields_set:
+    # Compared with the defaults, not model_fields_set: a report's recipe (re-read by
+    # `compress bench`) spells out every field.
+    if distill is not None and distill.student.channels != _default("channels"):
         raise RecipeError("stages.distill.student.channels: narrows CNN blocks (task image-classification); "
                           "use student.ffn and student.heads for a transformer")
     if recipe.task == "embedding":
@@ -107,7 +115,7 @@ def check_image_recipe(recipe, distill) -> None:
         if "attention" in distill.losses:
             raise RecipeError("stages.distill.losses: attention needs self-attention; a CNN takes logit and/or feature")
         student = distill.student
-        if student.heads or "ffn" in student.model_fields_set:
+        if student.heads or student.ffn != _default("ffn"):
             raise RecipeError("stages.distill.student: heads and ffn narrow transformers; for a CNN use "
                               "student.layers (blocks kept) and student.channels")
     q = next((e.quantize for e in recipe.stages if e.quantize is not None), None)

@@ -287,7 +287,9 @@ def test_recipe_errors(change, message):
 def test_recipe_errors_for_images_under_a_text_task():
     from compress.recipe import parse
 
-    parse(IMAGE_RECIPE)  # the example recipe's shape is valid
+    recipe = parse(IMAGE_RECIPE)  # the example recipe's shape is valid
+    # ...and re-reads from a report, where every field is spelled out (compress bench does this)
+    parse(recipe.model_dump(mode="json", exclude_none=True))
     with pytest.raises(RecipeError, match="set task: image-classification"):
         parse({"teacher": {"source": "example:efficientnet-lite0-fashion"}})
     with pytest.raises(RecipeError, match="data.train: example:fashion-mnist-train holds images"):
@@ -364,9 +366,10 @@ def test_build_reports_accuracy_retention_params_and_flops(project):
     assert "| test |" in md or "test (1.000)" in md
 
 
-def test_bench_of_a_finished_image_build_feeds_images_to_every_model(project):
+def test_bench_of_a_finished_image_build_feeds_images_to_every_model(project, monkeypatch):
     from compress.pipeline import bench_build_dir
 
+    monkeypatch.chdir(project)  # the recipe's data paths are relative, as `compress bench` runs them
     result = bench_build_dir(project / "build" / "cpu", project / ".compress" / "cache", runs=4, teacher=True, rss=True)
     assert result["conditions"]["image_shape"] == [1, 12, 12]
     # peak RSS is measured in a child process, which must get image inputs too
