@@ -29,7 +29,7 @@ from compress.recipe import QuantizeConfig
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # 2: meta records the int8 FLOP share; 3: fp16, per-node sensitivity and the fp32 fallback
+VERSION = 4  # 2: meta records the int8 FLOP share; 3: fp16, per-node sensitivity and the fp32 fallback; 4: image models (static: 7-bit weights)
 CALIBRATION_LENGTH = 128  # tokens per packed calibration row
 SCRATCH = ".scratch"  # candidates and the calibration cache; removed before the artifact is sealed
 # fp16 must agree with fp32 this well: half precision on a BERT encoder costs
