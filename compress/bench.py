@@ -55,7 +55,7 @@ CLS_ID = 101
 SEP_ID = 102
 FIRST_ORDINARY_ID = 1000
 
-KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 ONNX_INT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 THROUGHPUT_WARMUP = 3
@@ -89,17 +89,24 @@ class Conditions:
     throughput_runs: int = 20
     measure_rss: bool = True
     vocab_size: int = 30522
+    # Image models: [channels, height, width] of pixel_values (then seq_len and vocab_size are unused).
+    image_shape: tuple[int, ...] | None = None
 
 
-KINDS = ("onnx", "torch-hf", "torch-hf-lm")
+KINDS = ("onnx", "torch-hf", "torch-hf-lm", "torch-image")
 
 
 # ---------------------------------------------------------------- inputs
 
 
-def make_inputs(batch: int, seq_len: int, vocab_size: int) -> dict:
-    """Deterministic token ids framed by [CLS] ... [SEP], a full mask and zero segment ids."""
+def make_inputs(batch: int, seq_len: int, vocab_size: int, image_shape: tuple[int, ...] | None = None) -> dict:
+    """Deterministic token ids framed by [CLS] ... [SEP], a full mask and zero segment ids;
+    with image_shape, deterministic pixel_values in [0, 1] beside them."""
     import numpy as np
+
+    if image_shape is not None:
+        pixels = np.random.RandomState(0).rand(batch, *image_shape).astype(np.float32)
+        return {**make_inputs(batch, seq_len, vocab_size), "pixel_values": pixels}
 
     rng = np.random.RandomState(0)
     input_ids = rng.randint(FIRST_ORDINARY_ID, vocab_size, size=(batch, seq_len)).astype(np.int64)
@@ -145,6 +152,9 @@ class _OrtRunner:
                     f"cannot benchmark {self.name}: {self.path} declares input {declared.name!r}, "
                     f"expected only {', '.join(KNOWN_INPUTS)}; export the model with those inputs"
                 )
+            if declared.name == "pixel_values" and declared.type == "tensor(float)":
+                feed[declared.name] = inputs[declared.name]
+                continue
             dtype = ONNX_INT_TYPES.get(declared.type)
             if dtype is None:
                 raise BenchError(
@@ -215,9 +225,43 @@ class _TorchRunner:
         self.torch.set_num_threads(self.previous_threads)
 
 
+class _TorchImageRunner:
+    """An image model directory of compress.vision in fp32, eager PyTorch, under inference_mode."""
+
+    def __init__(self, name: str, path: str, threads: int):
+        import torch
+
+        from compress import vision
+        from compress.errors import SourceError
+
+        self.torch = torch
+        self.previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            self.model = vision.load_model(path, where=f"bench {name}")
+        except SourceError as exc:
+            torch.set_num_threads(self.previous_threads)
+            raise BenchError(f"cannot benchmark {name}: {exc}") from exc
+
+    def prepare(self, inputs: dict) -> dict:
+        if "pixel_values" not in inputs:
+            raise BenchError("cannot benchmark an image model without image inputs; set Conditions.image_shape")
+        return {"pixel_values": self.torch.from_numpy(inputs["pixel_values"])}
+
+    def __call__(self, tensors: dict) -> None:
+        with self.torch.inference_mode():
+            self.model(tensors["pixel_values"])
+
+    def close(self) -> None:
+        self.model = None
+        self.torch.set_num_threads(self.previous_threads)
+
+
 def _open(model_kind: str, name: str, path: str, threads: int):
     if model_kind == "onnx":
         return _OrtRunner(name, path, threads)
+    if model_kind == "torch-image":
+        return _TorchImageRunner(name, path, threads)
     return _TorchRunner(name, path, threads, causal_lm=model_kind == "torch-hf-lm")
 
 
@@ -323,6 +367,7 @@ def _record_conditions(cond: Conditions) -> dict:
     return {
         "batch": cond.batch,
         "seq_len": cond.seq_len,
+        "image_shape": list(cond.image_shape) if cond.image_shape else None,
         "threads": cond.threads,
         "warmup": cond.warmup,
         "runs": cond.runs,
@@ -503,6 +548,7 @@ def peak_rss_bytes(model: BenchModel, cond: Conditions) -> int:
         "--batch", str(cond.batch),
         "--runs", str(CHILD_RUNS),
         "--vocab-size", str(cond.vocab_size),
+        *(["--image-shape", ",".join(str(d) for d in cond.image_shape)] if cond.image_shape else []),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     if completed.returncode != 0:
@@ -542,8 +588,8 @@ def run(
 
     conditions = _record_conditions(cond)
     use_rapl = _rapl_readable()
-    latency_inputs = make_inputs(cond.batch, cond.seq_len, cond.vocab_size)
-    throughput_inputs = make_inputs(cond.throughput_batch, cond.seq_len, cond.vocab_size)
+    latency_inputs = make_inputs(cond.batch, cond.seq_len, cond.vocab_size, cond.image_shape)
+    throughput_inputs = make_inputs(cond.throughput_batch, cond.seq_len, cond.vocab_size, cond.image_shape)
 
     # One block per model per round, A B C A B C ...: each model runs alone, as
     # deployed, and slow drifts of the machine hit every model alike.
@@ -665,14 +711,16 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs", type=int, default=CHILD_RUNS)
     parser.add_argument("--vocab-size", type=int, default=30522)
+    parser.add_argument("--image-shape", default=None, help="channels,height,width of pixel_values (image models)")
     args = parser.parse_args(argv)
+    image_shape = tuple(int(d) for d in args.image_shape.split(",")) if args.image_shape else None
 
     kind, path = args.child
     model = BenchModel(name=os.path.basename(path), kind=kind, path=path)
     try:
         _check([model], Conditions(batch=args.batch, seq_len=args.seq_len, threads=args.threads), None)
         runner = _open(kind, model.name, path, args.threads)
-        feed = runner.prepare(make_inputs(args.batch, args.seq_len, args.vocab_size))
+        feed = runner.prepare(make_inputs(args.batch, args.seq_len, args.vocab_size, image_shape))
         for _ in range(args.runs):
             _call(runner, feed, model)
     except BenchError as exc:

@@ -395,6 +395,10 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
 
     from compress import prune as pruning
 
+    if src.meta.get("task") == "image-classification":  # a CNN on images
+        from compress import vision
+
+        return vision.distill(src, cfg, ctx)
     if src.meta.get("task") == "classification":  # logits, labels, the head: its own module
         from compress import classify
 

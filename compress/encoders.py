@@ -84,6 +84,10 @@ class OnnxEncoder(Encoder):
 
 
 def open_encoder(art: Artifact, max_length: int, threads: int = 2) -> Encoder:
+    if art.meta.get("task") == "image-classification":  # images -> logits
+        from compress.vision import open_classifier as open_image_classifier
+
+        return open_image_classifier(art, threads)
     if art.meta.get("task") == "classification":  # texts -> logits
         from compress.classify import open_classifier
 

@@ -45,6 +45,16 @@ def random_inputs(vocab_size: int, batch: int = 4, seq: int = 48, seed: int = 0)
     return ids, mask
 
 
+def probe_feed(meta: dict, batch: int = 4, seed: int = 0) -> dict:
+    """Random inputs of the kind the model takes, for agreement checks between two
+    forms of one model: images in [0, 1] (task image-classification) or tokens."""
+    if meta.get("task") == "image-classification":
+        rs = np.random.RandomState(seed)
+        return {"pixel_values": rs.rand(batch, *meta["input_shape"]).astype(np.float32)}
+    ids, mask = random_inputs(meta.get("vocab_size", 30522), batch=batch, seed=seed)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def to_onnx(module, path, output: str, opset: int) -> None:
     """(input_ids, attention_mask) -> `output`, with dynamic batch and sequence
     axes, checked with onnx.checker (full_check)."""
@@ -88,6 +98,10 @@ def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
     from compress.encoders import OnnxEncoder, TorchEncoder
     from compress.models import load_hf_encoder, make_sentence_encoder
 
+    if src.meta.get("task") == "image-classification":  # pixel_values -> logits
+        from compress import vision
+
+        return vision.export(src, cfg, ctx)
     if src.meta.get("task") == "classification":  # exports logits, not a sentence embedding
         from compress import classify
 

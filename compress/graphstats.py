@@ -1,5 +1,5 @@
-"""Graph statistics of an ONNX model at a fixed input point: matrix-product
-FLOPs by precision, so the report can say what share of the work runs in int8.
+"""Graph statistics of an ONNX model at a fixed input point: matrix-product and
+convolution FLOPs by precision, so the report can say what share of the work runs in int8.
 
 Used by the quantize stage; shapes come from ONNX Runtime's symbolic shape inference.
 """
@@ -15,6 +15,9 @@ import onnx
 log = logging.getLogger(__name__)
 
 INT8_MATMULS = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+INT8_CONVS = ("ConvInteger", "QLinearConv")
+# Where each conv op keeps its weight (QLinearConv: x, x_scale, x_zero_point, w, ...).
+CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
 # Fused attention (com.microsoft): the score and context products run in float;
 # Attention also holds the QKV projection (float), QAttention the same in int8.
 FUSED_ATTENTION = ("Attention", "QAttention", "MultiHeadAttention")
@@ -53,11 +56,24 @@ def _attention_flops(node: onnx.NodeProto, shapes: dict) -> tuple[int, int] | No
     return projection, 2 * batch * seq * seq * sizes[0] + 2 * batch * seq * seq * sizes[2]
 
 
+def _conv_flops(node: onnx.NodeProto, shapes: dict, producers: dict) -> int | None:
+    """2 x output elements x (input channels per group x kernel area), None if a shape is unknown."""
+    w_name = node.input[CONV_WEIGHT[node.op_type]]
+    w = shapes.get(w_name)
+    if not w and producers.get(w_name) is not None and producers[w_name].op_type == "DequantizeLinear":
+        w = shapes.get(producers[w_name].input[0])  # a QDQ weight: the shape of the int8 initializer
+    out = shapes.get(node.output[0])
+    if not w or not out or None in w or None in out:
+        return None
+    return 2 * int(np.prod(out)) * int(np.prod(w[1:]))
+
+
 def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
     """{"int8": FLOPs, "float": FLOPs, "int8_share": int8 / all} of the matrix
-    products (MatMul family and Gemm) at [batch, seq] inputs. A QDQ MatMul counts as int8
-    when both operands come out of DequantizeLinear: ONNX Runtime then runs it
-    as an integer kernel."""
+    products (MatMul family, Gemm) and convolutions (Conv family) at [batch, seq]
+    token inputs, or at [batch, ...] for image inputs (whose other axes are fixed).
+    A QDQ MatMul or Conv counts as int8 when both operands come out of
+    DequantizeLinear: ONNX Runtime then runs it as an integer kernel."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     model = onnx.load(str(path))
@@ -65,11 +81,14 @@ def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
         dims = inp.type.tensor_type.shape.dim
         if len(dims) == 2:
             dims[0].dim_value, dims[1].dim_value = batch, seq
+        elif len(dims) == 4:  # images: [batch, channels, height, width]
+            dims[0].dim_value = batch
     inferred = SymbolicShapeInference.infer_shapes(_shape_proxy(model), auto_merge=True)
     shapes = {t.name: list(t.dims) for t in inferred.graph.initializer}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     producer = {out: node.op_type for node in inferred.graph.node for out in node.output}
+    producers = {out: node for node in model.graph.node for out in node.output}
 
     flops = {"int8": 0, "float": 0}
     unknown = 0
@@ -82,6 +101,15 @@ def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
             flops["int8" if node.op_type == "QAttention" else "float"] += work[0]
             flops["float"] += work[1]
             continue
+        if node.op_type in CONV_WEIGHT:
+            work = _conv_flops(node, shapes, producers)
+            if work is None:
+                unknown += 1
+                continue
+            int8 = node.op_type in INT8_CONVS or (
+                producer.get(node.input[0]) == "DequantizeLinear" and producer.get(node.input[1]) == "DequantizeLinear")
+            flops["int8" if int8 else "float"] += work
+            continue
         if node.op_type not in ("MatMul", "Gemm", *INT8_MATMULS):
             continue
         a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
@@ -89,7 +117,7 @@ def matmul_flops(path: Path, batch: int = 1, seq: int = 128) -> dict:
             unknown += 1
             continue
         # Gemm (GPT-2's Conv1D projections export so): A is [M, K], or [K, M] with transA
-        trans_a = next((a_.i for a_ in node.attribute if a_.name == "transA"), 0) if node.op_type == "Gemm" else 0
+        trans_a = node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute)
         work = 2 * int(np.prod(out)) * (a[0] if trans_a else a[-1])
         int8 = node.op_type in INT8_MATMULS or (
             producer.get(node.input[0]) == "DequantizeLinear" and producer.get(node.input[1]) == "DequantizeLinear")

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 EVAL_VERSION = 1
 CALIBRATION_SAMPLES = 256
 BENCH_VERSION = 2  # 2: the student's fp32 model is measured beside it
-FLOPS_VERSION = 2  # 2: Gemm counted (GPT-2's projections)
+FLOPS_VERSION = 3  # 2: Gemm counted (GPT-2's projections); 3: and the Conv family
 REFERENCE = "teacher-ort-int8"
 STUDENT_FP32 = "student-fp32"
 # quantize mode auto: a short in-run timing of the candidates on their target.
@@ -97,6 +97,7 @@ class StageContext:
     # The torch artifact the current ONNX model was exported from (quantize mode qat trains it).
     torch_source: Artifact | None = None
     train_labels: dict[str, int] | None = None  # classification: text -> class id, where the data has labels
+    images: Any = None  # image-classification: vision.StageImages (the text fields stay empty)
 
 
 @dataclass
@@ -141,6 +142,10 @@ class Inputs:
 
 
 def load_inputs(recipe: Recipe) -> Inputs:
+    if recipe.task == "image-classification":  # vision.Images instead of texts
+        from compress import vision
+
+        return vision.load_inputs(recipe)
     if recipe.task == "classification":  # labelled data, read with the teacher's label names
         from compress import classify
 
@@ -191,6 +196,11 @@ def preflight(recipe: Recipe, targets: list[str]):
         cfg = configured.get(name) or _default_target_config(name)
         mod.check(cfg, precision)
         modules[name] = (mod, cfg)
+    if recipe.task == "image-classification":
+        from compress import vision
+
+        vision.check_teacher(recipe.teacher.source)
+        return modules, plan
     kind, _ = sources.check(recipe.teacher.source, recipe.teacher.tokenizer)
     if recipe.task == "causal-lm":
         from compress.lm_distill import check_teacher
@@ -246,6 +256,14 @@ class Builder:
 
         def make(out: Path) -> Artifact:
             self.opts.echo(f"{label}: running")
+            if self.recipe.task == "image-classification":
+                from compress.vision import StageImages
+
+                images = StageImages(self.inputs.train, self.inputs.heldout[:32], self.inputs.calibration)
+                ctx = StageContext(out=out, train_texts=[], validation_texts=[], max_length=self.recipe.teacher.max_length,
+                                   progress=self.progress, teacher=self.teacher, accept=accept,
+                                   cache_root=self.cache.root, torch_source=self.torch_source, images=images)
+                return fn(src, cfg, ctx)
             ctx = StageContext(out=out, train_texts=self.inputs.train,
                                validation_texts=self.inputs.heldout[:32],
                                max_length=self.recipe.teacher.max_length, progress=self.progress,
@@ -418,7 +436,8 @@ class Builder:
         b = self.recipe.bench
         cond = bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=tcfg.threads, warmup=b.warmup,
                                 runs=CHOICE_RUNS, rounds=CHOICE_ROUNDS, measure_rss=False,
-                                vocab_size=src.meta.get("vocab_size", 30522))
+                                vocab_size=src.meta.get("vocab_size", 30522),
+                                image_shape=tuple(src.meta["input_shape"]) if src.meta.get("input_shape") else None)
         first = modes[0]
         models = [bench.BenchModel(m, "onnx", str(a.model_file)) for m, a in builds.items()]
         key = make_key([(m, a.digest) for m, a in builds.items()], cond.__dict__, machine_fingerprint(), "choose", 1)
@@ -520,6 +539,8 @@ class Builder:
         from compress.export import VERSION as export_version, export
 
         t = self.teacher
+        if self.recipe.task == "image-classification":
+            return self.image_reference_models()
         models = []
         self.skipped_references = {}
 
@@ -561,11 +582,29 @@ class Builder:
             models.append(bench.BenchModel(REFERENCE, "onnx", str(int8.model_file), (str(int8.model_file), *tok)))
         return models
 
+    def image_reference_models(self) -> list:
+        """An image teacher as deployed without compress: torch eager, its ONNX
+        export in fp32 (ONNX Runtime's own optimizations at load), and static QDQ
+        int8 of every Conv (dynamic int8 would leave Convs as slow ConvInteger)."""
+        from compress import bench, quantize as q
+        from compress.export import VERSION as export_version, export
+
+        t = self.teacher
+        fp32 = self.run_stage("export", export, export_version, t, ExportConfig(), label="reference: teacher export").artifact
+        # Pinned so the reference does not move when compress's own defaults do.
+        int8 = self.run_stage("quantize", q.quantize, q.VERSION, fp32,
+                              QuantizeConfig(mode="static", calibration="minmax", per_channel=True,
+                                             fallback=FallbackConfig(enabled=False)),
+                              label="reference: teacher static int8").artifact
+        return [bench.BenchModel("teacher-torch-fp32", "torch-image", str(t.path)),
+                bench.BenchModel("teacher-ort-fp32", "onnx", str(fp32.model_file)),
+                bench.BenchModel(REFERENCE, "onnx", str(int8.model_file))]
+
     def benchmark(self, final: Artifact, fp32_build: Artifact | None = None) -> dict:
         from compress import bench
 
         b = self.recipe.bench
-        cond = bench_conditions(b, final.meta.get("vocab_size", 30522))
+        cond = bench_conditions(b, final.meta.get("vocab_size", 30522), image_shape=final.meta.get("input_shape"))
         student = bench.BenchModel("student", "onnx", str(final.model_file), tuple(str(p) for p in final.files()))
         models = [student]
         if fp32_build is not None:  # so the report can say when int8 is slower than fp32
@@ -615,6 +654,8 @@ class Builder:
         except Exception as exc:  # symbolic shape inference gives up on some graphs: report no count, build on
             log.warning("compute: FLOPs not counted (%s: %s)", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             return None
+        if teacher.meta.get("input_shape"):  # images: the input is fixed but for the batch
+            return {"batch": b.batch, "seq_len": None, "input": [b.batch, *teacher.meta["input_shape"]], **counted}
         return {"batch": b.batch, "seq_len": b.seq_len, **counted}
 
     # -- per target -------------------------------------------------------------
@@ -686,14 +727,15 @@ def fp32_ratio(result: dict) -> dict:
                                         "throughput": mine["throughput_per_s"] / theirs["throughput_per_s"]}}
 
 
-def bench_conditions(b, vocab_size: int, runs: int | None = None, rss: bool | None = None):
+def bench_conditions(b, vocab_size: int, runs: int | None = None, rss: bool | None = None,
+                     image_shape: list[int] | None = None):
     """The recipe's bench settings as the engine's Conditions (runs/rss overridable)."""
     from compress import bench
 
     runs = runs or b.runs
     return bench.Conditions(batch=b.batch, seq_len=b.seq_len, threads=b.threads, warmup=b.warmup, runs=runs,
                             rounds=min(b.rounds, runs), measure_rss=b.rss if rss is None else rss,
-                            vocab_size=vocab_size)
+                            vocab_size=vocab_size, image_shape=tuple(image_shape) if image_shape else None)
 
 
 def optimize_reference(src: Artifact, cfg: Any, ctx) -> Artifact:
@@ -761,7 +803,9 @@ def bench_build_dir(build_dir: Path, cache_root: Path, runs: int | None = None, 
     models = [bench.BenchModel("student", "onnx", str(build_dir / "model.onnx"), files)]
     if teacher:
         models += builder.reference_models(b.threads)
-    cond = bench_conditions(b, report["stages"][-1]["meta"].get("vocab_size", 30522), runs=runs, rss=rss)
+    final_meta = report["stages"][-1]["meta"]
+    cond = bench_conditions(b, final_meta.get("vocab_size", 30522), runs=runs, rss=rss,
+                            image_shape=final_meta.get("input_shape"))
     echo(f"bench: {len(models)} models, {cond.runs} timed runs each")
     reference = REFERENCE if any(m.name == REFERENCE for m in models) else None
     result = bench.run(models, cond, reference=reference, progress=lambda m: log.info("bench: %s", m))

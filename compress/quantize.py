@@ -26,12 +26,12 @@ import onnx
 from compress.artifact import Artifact, seal
 from compress.errors import StageError
 from compress.encoders import ONNX_OUTPUT
-from compress.export import compare, random_inputs
+from compress.export import compare, probe_feed, random_inputs
 from compress.recipe import QuantizeConfig
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # 2: meta records the int8 FLOP share; 3: fp16, per-node sensitivity and the fp32 fallback
+VERSION = 4  # 2: meta records the int8 FLOP share; 3: fp16, per-node sensitivity and the fp32 fallback; 4: image models (static: 7-bit weights)
 CALIBRATION_LENGTH = 128  # tokens per packed calibration row
 SCRATCH = ".scratch"  # candidates and the calibration cache; removed before the artifact is sealed
 # fp16 must agree with fp32 this well: half precision on a BERT encoder costs
@@ -43,14 +43,18 @@ Writer = Callable[..., None]
 
 
 def run_onnx(path, ids, mask, threads: int = 2):
+    return run_feed(path, {"input_ids": ids, "attention_mask": mask}, threads)
+
+
+def run_feed(path, feed: dict, threads: int = 2):
+    """The model's one output, whatever its task (sentence_embedding or logits), on
+    the inputs of `feed` that it declares."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    feed = {"input_ids": ids, "attention_mask": mask}
-    # The model's one output, whatever its task: sentence_embedding or logits.
     return sess.run([sess.get_outputs()[0].name], {k: feed[k] for k in names})[0]
 
 
@@ -75,8 +79,8 @@ def quantize(src: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
-    ids, mask = random_inputs(src.meta.get("vocab_size", 30522))
-    agreement = compare(run_onnx(out / "model.onnx", ids, mask), run_onnx(src.model_file, ids, mask))
+    feed = probe_feed(src.meta)
+    agreement = compare(run_feed(out / "model.onnx", feed), run_feed(src.model_file, feed))
     from compress.graphstats import matmul_flops
 
     details["flops"] = matmul_flops(out / "model.onnx")
@@ -92,6 +96,10 @@ def int8_writer(src: Artifact, cfg: QuantizeConfig, ctx, scratch: Path) -> tuple
     the writer once per candidate, so a new mode only has to provide one."""
     if cfg.mode == "dynamic":
         return dynamic_writer(src, cfg), {"weights": "s8", "activations": "u8 (dynamic)"}
+    if cfg.mode == "static" and src.meta.get("task") == "image-classification":  # Convs, calibrated on images
+        from compress import vision
+
+        return vision.static_writer(src, cfg, ctx.images.calibration if ctx.images else None, scratch)
     if cfg.mode == "static":
         return static_writer(src, cfg, list(ctx.calibration_texts), ctx.max_length, scratch)
     if cfg.mode == "qat":

@@ -21,13 +21,13 @@ class Frozen(BaseModel):
 
 
 class TeacherConfig(Frozen):
-    source: str = Field("example:minilm", description="hf:<dir> | example:minilm | onnx:<file> (ONNX teachers are eval-only: no distill); causal-lm: hf:<dir> of an AutoModelForCausalLM (GPT-2 or Llama family)")
+    source: str = Field("example:minilm", description="hf:<dir> | example:minilm | onnx:<file> (ONNX teachers are eval-only: no distill); causal-lm: hf:<dir> of an AutoModelForCausalLM (GPT-2 or Llama family); image-classification: example:efficientnet-lite0-fashion | an image model directory (config.json + model.safetensors, see compress.vision.save_model)")
     tokenizer: str | None = Field(None, description="Tokenizer directory; needed for onnx: teachers, otherwise the teacher's own")
     max_length: int = Field(256, ge=8, le=4096, description="Longest input in tokens; longer inputs are truncated")
 
 
 class DataSource(Frozen):
-    source: str = Field(description="example:<name> | a .txt file (one input per line) | a .jsonl file (with `field`)")
+    source: str = Field(description="example:<name> | a .txt file (one input per line) | a .jsonl file (with `field`); image-classification: example:fashion-mnist-train | example:fashion-mnist-test | a .npz with images (uint8 [n, h, w(, c)]) and labels")
     field: str | None = Field(None, description="JSONL: the key holding the text")
     samples: int | None = Field(None, ge=1, description="Use at most this many inputs (the first ones)")
     label_field: str | None = Field(None, description="classification, JSONL: the key holding the label (an int, or a name in the teacher's config.label2id); .tsv/.csv rows are text<TAB>label")
@@ -46,9 +46,10 @@ class DataConfig(Frozen):
 
 
 class StudentConfig(Frozen):
-    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last)")
+    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last); image-classification: teacher MBConv blocks kept (default: every block that changes shape and every other residual block)")
     ffn: float = Field(0.35, ge=0, lt=1, description="Share of FFN neurons removed from every kept layer before training (Taylor-ranked)")
     heads: float = Field(0.0, ge=0, lt=1, description="Share of attention heads removed from every kept layer before training")
+    channels: float = Field(0.5, ge=0, lt=1, description="image-classification: share of the expanded channels of every kept MBConv block, and of the head's channels, removed before training (smallest |BN scale| x L1 weight norm first); block outputs keep the teacher's widths")
 
 
 class DistillConfig(Frozen):
@@ -308,7 +309,7 @@ class BenchConfig(Frozen):
 
 class Recipe(Frozen):
     teacher: TeacherConfig = Field(TeacherConfig(), description="The model to compress")
-    task: Literal["embedding", "classification", "causal-lm"] = Field("embedding", description="What the model does; decides losses and metrics: embedding (sentence encoder, Spearman on similarity sets), classification (sequence classifier, accuracy on labelled sets), causal-lm (AutoModelForCausalLM, next-token agreement with the teacher and perplexity on held-out texts)")
+    task: Literal["embedding", "classification", "causal-lm", "image-classification"] = Field("embedding", description="What the model does; decides losses and metrics: embedding (sentence encoder, Spearman on similarity sets), classification (sequence classifier, accuracy on labelled sets), causal-lm (AutoModelForCausalLM, next-token agreement with the teacher and perplexity on held-out texts), image-classification (CNN, accuracy on labelled image sets)")
     data: DataConfig = Field(DataConfig(), description="Train, held-out and eval inputs")
     stages: list[StageEntry] = Field(
         default_factory=lambda: [StageEntry(distill={}), StageEntry(export={}), StageEntry(quantize={})],

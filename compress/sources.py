@@ -85,6 +85,10 @@ def _check_onnx_file(path: Path) -> None:
 
 
 def teacher_artifact(source: str, tokenizer: str | None, cache, task: str, echo=None) -> Artifact:
+    if task == "image-classification":  # an image model directory, or the example fine-tuned at first use
+        from compress import vision
+
+        return vision.teacher_artifact(source, cache, echo)
     kind, path = check(source, tokenizer)
     if source == "example:minilm-polarity":  # fine-tuned here at first use, then cached
         from compress.classify import polarity_teacher

@@ -10,7 +10,13 @@ from pathlib import Path
 
 from compress.errors import RecipeError
 
-TASKS = ("embedding", "classification", "causal-lm")
+TASKS = ("embedding", "classification", "causal-lm", "image-classification")
+IMAGE_EXAMPLES = ("example:fashion-mnist-train", "example:fashion-mnist-test")
+IMAGE_TEACHER = "example:efficientnet-lite0-fashion"
+
+
+def _is_images(source: str) -> bool:
+    return source in IMAGE_EXAMPLES or Path(source).suffix == ".npz"
 # Example sources that carry labels (the rest of example: are unlabelled texts or similarity sets).
 LABELLED_EXAMPLES = ("example:polarity", "example:polarity-train", "example:polarity-test")
 LABELLED_SUFFIXES = (".tsv", ".csv")
@@ -22,6 +28,12 @@ def _has_labels(source) -> bool:
     return Path(source.source).suffix == ".jsonl" and source.label_field is not None
 
 
+def _default(field: str):
+    from compress.recipe import StudentConfig
+
+    return StudentConfig.model_fields[field].default
+
+
 def check_recipe(recipe) -> None:
     """A task's needs from data, losses and stages: one line naming the field and the fix."""
     from compress.recipe import LmDistillConfig
@@ -30,6 +42,8 @@ def check_recipe(recipe) -> None:
     distill = next((e.distill for e in recipe.stages if e.distill is not None), None)
     if recipe.task == "causal-lm":
         return _check_causal_lm(recipe)
+    if recipe.task == "image-classification":
+        return check_image_recipe(recipe, distill)
     if isinstance(distill, LmDistillConfig):  # only when built in code: a YAML distill reads by task
         raise RecipeError(f"stages.distill: causal-lm distillation settings on task {recipe.task}; "
                           "set task: causal-lm or use the encoder distill fields")
@@ -37,6 +51,17 @@ def check_recipe(recipe) -> None:
             and not ("self" in distill.losses and distill.self_mode == "born-again"):
         raise RecipeError("stages.distill.generations: generations are born-again self-distillation; add self to "
                           "losses (self_mode: born-again) or drop generations")
+    if recipe.teacher.source == IMAGE_TEACHER:
+        raise RecipeError(f"teacher.source: {IMAGE_TEACHER} is an image classifier; set task: image-classification")
+    for where, s in [("data.train", d.train), *((f"data.eval[{i}]", e) for i, e in enumerate(d.eval))]:
+        if _is_images(s.source):
+            raise RecipeError(f"{where}: {s.source} holds images, task {recipe.task} reads texts; "
+                              "set task: image-classification or give text data")
+    # Compared with the defaults, not model_fields_set: a report's recipe (re-read by
+    # `compress bench`) spells out every field.
+    if distill is not None and distill.student.channels != _default("channels"):
+        raise RecipeError("stages.distill.student.channels: narrows CNN blocks (task image-classification); "
+                          "use student.ffn and student.heads for a transformer")
     if recipe.task == "embedding":
         if distill is not None and "logit" in distill.losses:
             raise RecipeError("stages.distill.losses: logit needs class logits (task classification); "
@@ -109,6 +134,57 @@ def _check_causal_lm(recipe) -> None:
                               "not apply to task causal-lm yet; set fallback.enabled: false")
 
 
+def check_image_recipe(recipe, distill) -> None:
+    """Task image-classification: an image teacher, image data with labelled eval
+    sets, and only the stages and options that apply to a CNN."""
+    d = recipe.data
+    teacher = recipe.teacher.source
+    if teacher.startswith("onnx:") or teacher.endswith(".onnx") or teacher.startswith("hf:") \
+            or (teacher.startswith("example:") and teacher != IMAGE_TEACHER):
+        raise RecipeError(f"teacher.source: task image-classification needs {IMAGE_TEACHER} or an image model "
+                          f"directory (config.json + model.safetensors, see compress.vision.save_model), got {teacher}")
+    if recipe.teacher.tokenizer is not None:
+        raise RecipeError("teacher.tokenizer: images have no tokenizer; remove it")
+    sources = [("data.train", d.train), *((f"data.eval[{i}]", e) for i, e in enumerate(d.eval))]
+    if d.calibration is not None:
+        sources.append(("data.calibration", d.calibration))
+    for where, s in sources:
+        if not _is_images(s.source):
+            raise RecipeError(f"{where}: task image-classification reads images ({' or '.join(IMAGE_EXAMPLES)}, or a "
+                              f".npz with images and labels), got {s.source}")
+        if s.field is not None or s.label_field is not None:
+            raise RecipeError(f"{where}: field and label_field name JSONL keys of texts; remove them "
+                              "(a .npz holds arrays named images and labels)")
+    if not d.eval:
+        raise RecipeError("data.eval: task image-classification needs at least one labelled eval set; "
+                          "add e.g. {source: example:fashion-mnist-test, samples: 1000}")
+    for entry in recipe.stages:
+        if entry.name in ("prune", "fuse"):
+            raise RecipeError(f"stages.{entry.name}: not supported for task image-classification (it works on "
+                              "transformer layers); remove it (stages.distill.student narrows the CNN instead)")
+    if distill is not None:
+        if "attention" in distill.losses:
+            raise RecipeError("stages.distill.losses: attention needs self-attention; a CNN takes logit and/or feature")
+        if "self" in distill.losses:
+            raise RecipeError("stages.distill.losses: self is implemented for task embedding; a CNN takes logit "
+                              "and/or feature")
+        student = distill.student
+        if student.heads or student.ffn != _default("ffn"):
+            raise RecipeError("stages.distill.student: heads and ffn narrow transformers; for a CNN use "
+                              "student.layers (blocks kept) and student.channels")
+    q = next((e.quantize for e in recipe.stages if e.quantize is not None), None)
+    if q is not None:
+        if q.dtype != "int8":
+            raise RecipeError(f"stages.quantize.dtype: {q.dtype} is not supported for task image-classification; "
+                              "set dtype: int8")
+        if q.mode == "qat" or (q.mode == "auto" and "qat" in q.candidates):
+            raise RecipeError("stages.quantize: qat is not supported for task image-classification; use mode "
+                              "static (QDQ Convs), dynamic, or auto with candidates [dynamic, static]")
+        if q.fallback.enabled:
+            raise RecipeError("stages.quantize.fallback: the fp32 fallback ranks MatMuls of transformers; set "
+                              "fallback.enabled: false for task image-classification")
+
+
 def evaluate(task: str, encoder, eval_sets: list, heldout: list[str], reference=None):
     """(metric per eval set, held-out outputs) for one runnable artifact. causal-lm
     compares next tokens with `reference` (the teacher's outputs; None: itself)."""
@@ -116,6 +192,10 @@ def evaluate(task: str, encoder, eval_sets: list, heldout: list[str], reference=
         from compress import lm_eval
 
         return lm_eval.evaluate(encoder, eval_sets, heldout, reference)
+    if task == "image-classification":
+        from compress import vision
+
+        return vision.evaluate(encoder, eval_sets, heldout)
     if task == "classification":
         from compress import classify
 
@@ -132,7 +212,7 @@ def fidelity(task: str, outputs, teacher_outputs) -> dict[str, float]:
         from compress import lm_eval
 
         return lm_eval.fidelity(outputs, teacher_outputs)
-    if task == "classification":
+    if task in ("classification", "image-classification"):
         from compress import classify
 
         return classify.fidelity(outputs, teacher_outputs)

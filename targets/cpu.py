@@ -114,8 +114,8 @@ def compare_graphs(quantized: dict, fp32: dict) -> list[str]:
 def build(src: Artifact, cfg, ctx) -> Artifact:
     import onnxruntime as ort
 
-    from compress.export import compare, random_inputs
-    from compress.quantize import run_onnx
+    from compress.export import compare, probe_feed
+    from compress.quantize import run_feed
 
     if platform.machine() not in SUPPORTS["architectures"]:
         log.warning("target cpu: optimizing on %s; ORT_ENABLE_ALL layouts are specific to the CPU that made them",
@@ -134,8 +134,8 @@ def build(src: Artifact, cfg, ctx) -> Artifact:
     options = session_options(cfg)
     (out / "session_options.json").write_text(json.dumps(options, indent=2))
 
-    ids, mask = random_inputs(src.meta.get("vocab_size", 30522))
-    agreement = compare(run_onnx(out / "model.onnx", ids, mask), run_onnx(src.model_file, ids, mask))
+    feed = probe_feed(src.meta)
+    agreement = compare(run_feed(out / "model.onnx", feed), run_feed(src.model_file, feed))
     if agreement["mean_cosine"] < 0.999:
         raise TargetError(f"target cpu: the optimized graph disagrees with its input (mean cosine "
                           f"{agreement['mean_cosine']:.4f}); set targets.cpu.optimization: extended")
