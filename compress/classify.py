@@ -493,6 +493,7 @@ def load_inputs(recipe):
     texts, labels = datamod.load_labelled(d.train.source, d.train.field, d.train.label_field, d.train.samples,
                                           label2id, num_labels, "data.train")
     label_of = dict(zip(texts, labels)) if labels is not None else None
+    texts = texts + datamod.extra_texts(d)  # unlabelled: the teacher's logits are their only targets
     train, heldout = datamod.split_heldout(texts, d.heldout_fraction)
     if len(train) < 2 or len(heldout) < 2:
         raise RecipeError(f"data.train: {len(texts)} distinct inputs leave {len(train)} to train on and {len(heldout)} "
@@ -511,5 +512,5 @@ def load_inputs(recipe):
                "calibration": datamod.texts_digest(calibration),
                **{f"eval:{s.name}": s.digest() for s in eval_sets}}
     if label_of is not None:
-        digests["train_labels"] = datamod.texts_digest([f"{label_of[t]}" for t in train])
+        digests["train_labels"] = datamod.texts_digest([f"{label_of.get(t, IGNORE)}" for t in train])
     return Inputs(train, heldout, eval_sets, calibration, digests, train_labels=label_of)

@@ -96,6 +96,12 @@ def load_texts(source: str, field: str | None = None, samples: int | None = None
     return texts[:samples] if samples else texts
 
 
+def extra_texts(d) -> list[str]:
+    """The inputs of data.extra_train, in order (recipe.DataConfig)."""
+    return [t for i, s in enumerate(d.extra_train)
+            for t in load_texts(s.source, s.field, s.samples, where=f"data.extra_train[{i}]")]
+
+
 def jsonl_rows(path: Path, where: str):
     """(line number, parsed object) of each non-blank line of a JSONL file."""
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

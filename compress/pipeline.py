@@ -152,6 +152,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
         return classify.load_inputs(recipe)
     d = recipe.data
     texts = datamod.load_texts(d.train.source, d.train.field, d.train.samples, where="data.train")
+    texts += datamod.extra_texts(d)
     train, heldout = datamod.split_heldout(texts, d.heldout_fraction)
     if len(train) < 2 or len(heldout) < 2:
         raise RecipeError(f"data.train: {len(texts)} distinct inputs leave {len(train)} to train on and {len(heldout)} "

@@ -35,6 +35,7 @@ class DataSource(Frozen):
 
 class DataConfig(Frozen):
     train: DataSource = Field(DataSource(source="example:corpus"), description="Unlabelled inputs the student learns from")
+    extra_train: list[DataSource] = Field(default_factory=list, description="More unlabelled text inputs, appended to data.train (before the held-out split): a transfer set the teacher labels, e.g. unlabelled in-domain text beside a small labelled classification set")
     calibration: DataSource | None = Field(None, description="Inputs for static quantization ranges (default: 256 train inputs)")
     heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of train inputs held out (by hash) for fidelity")
     heldout_samples: int = Field(1000, ge=20, description="At most this many held-out inputs are scored")

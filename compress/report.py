@@ -133,7 +133,8 @@ def provenance(recipe, teacher: Artifact, inputs, final: Artifact) -> dict:
                     # example:minilm-polarity: fine-tuned by compress, from what and on which data
                     "fine_tuned": teacher.meta.get("fine_tuned")},
         "data": {
-            "train": {"source": recipe.data.train.source, "inputs": len(inputs.train), "sha256": inputs.digests["train"]},
+            "train": {"source": recipe.data.train.source, "inputs": len(inputs.train), "sha256": inputs.digests["train"],
+                      **({"extra": [s.source for s in recipe.data.extra_train]} if recipe.data.extra_train else {})},
             "heldout": {"inputs": len(inputs.heldout), "sha256": inputs.digests["heldout"]},
             "calibration": {"inputs": len(inputs.calibration), "sha256": inputs.digests["calibration"]},
             "eval": {k.split(":", 1)[1]: v for k, v in inputs.digests.items() if k.startswith("eval:")},
@@ -152,7 +153,7 @@ def _teacher_package(source: str, pkg) -> dict | None:
 
 def _data_packages(recipe, pkg) -> dict:
     """Where example data came from: gensim's test data, or Debian's Fashion-MNIST."""
-    if not any(s.source.startswith("example:") for s in [recipe.data.train, *recipe.data.eval]):
+    if not any(s.source.startswith("example:") for s in [recipe.data.train, *recipe.data.extra_train, *recipe.data.eval]):
         return {}
     if recipe.task == "image-classification":
         return {"dataset-fashion-mnist": _debian_version("dataset-fashion-mnist")}

@@ -40,6 +40,12 @@ def check_recipe(recipe) -> None:
 
     d = recipe.data
     distill = next((e.distill for e in recipe.stages if e.distill is not None), None)
+    for i, s in enumerate(d.extra_train):
+        if s.label_field is not None:
+            raise RecipeError(f"data.extra_train[{i}].label_field: extra_train inputs are unlabelled (the teacher "
+                              "labels them); put labelled data in data.train")
+        if _is_images(s.source):
+            raise RecipeError(f"data.extra_train[{i}]: {s.source} holds images; extra_train adds text inputs")
     if recipe.task == "causal-lm":
         return _check_causal_lm(recipe)
     if recipe.task == "image-classification":
@@ -145,6 +151,8 @@ def check_image_recipe(recipe, distill) -> None:
                           f"directory (config.json + model.safetensors, see compress.vision.save_model), got {teacher}")
     if recipe.teacher.tokenizer is not None:
         raise RecipeError("teacher.tokenizer: images have no tokenizer; remove it")
+    if d.extra_train:
+        raise RecipeError("data.extra_train: adds text inputs; for task image-classification put the images in data.train")
     sources = [("data.train", d.train), *((f"data.eval[{i}]", e) for i, e in enumerate(d.eval))]
     if d.calibration is not None:
         sources.append(("data.calibration", d.calibration))

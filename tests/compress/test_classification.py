@@ -276,3 +276,24 @@ def test_build_with_unlabelled_eval_exits_2_before_work(project, tmp_path):
     assert res.returncode == 2
     assert "data.eval[0]: task classification needs labels; set label_field" in res.stderr
     assert not (tmp_path / ".compress").exists()
+
+
+def test_extra_train_adds_unlabelled_inputs_beside_the_labelled_ones(project, monkeypatch):
+    from compress import recipe as recipes
+    from compress.classify import IGNORE, load_inputs
+
+    monkeypatch.chdir(project)
+    extra = [t + " again" for t in toy(50, seed=13)[0]]
+    (project / "extra.txt").write_text("\n".join(extra) + "\n")
+    base = recipes.load(project / "compress.yaml")
+    more = recipes.parse({**base.model_dump(mode="json", exclude_unset=True),
+                          "data": {**base.data.model_dump(mode="json", exclude_unset=True),
+                                   "extra_train": [{"source": "extra.txt"}]}})
+    a, b = load_inputs(base), load_inputs(more)
+    added = set(b.train + b.heldout) - set(a.train + a.heldout)
+    assert added == set(extra)
+    assert all(t not in b.train_labels for t in extra)  # no label: distillation from the logits alone
+    assert all(b.train_labels[t] == a.train_labels[t] for t in a.train)
+    assert b.digests["train_labels"] != a.digests["train_labels"] and b.digests["train"] != a.digests["train"]
+    ctx_labels = [b.train_labels.get(t, IGNORE) for t in b.train]
+    assert ctx_labels.count(IGNORE) == len([t for t in b.train if t in added])

@@ -60,3 +60,21 @@ def test_example_corpus_is_large_and_varied():
     texts = data.load_texts("example:corpus")
     assert len(texts) > 15000
     assert len(set(texts)) > 0.95 * len(texts)
+
+
+def test_extra_train_is_appended_before_the_heldout_split(tiny_project, monkeypatch):
+    from compress import recipe as recipes
+    from compress.pipeline import load_inputs
+    from tests.conftest import make_texts
+
+    monkeypatch.chdir(tiny_project)
+    extra = [t + " extra" for t in make_texts(200, seed=42)]
+    (tiny_project / "extra.txt").write_text("\n".join(extra) + "\n")
+    base = recipes.load(tiny_project / "compress.yaml")
+    more = recipes.parse({**base.model_dump(mode="json", exclude_unset=True),
+                          "data": {**base.data.model_dump(mode="json", exclude_unset=True),
+                                   "extra_train": [{"source": "extra.txt", "samples": 150}]}})
+    a, b = load_inputs(base), load_inputs(more)
+    assert set(b.train + b.heldout) - set(a.train + a.heldout) == set(extra[:150])
+    assert set(a.train) <= set(b.train)  # the split is by hash: the first inputs stay where they were
+    assert any(t in b.heldout for t in extra[:150]) and any(t in b.train for t in extra[:150])

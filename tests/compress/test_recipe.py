@@ -51,3 +51,14 @@ def test_malformed_yaml_gives_line(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         recipe.load(tmp_path / "nope.yaml")
+
+
+def test_extra_train_is_unlabelled_text():
+    from compress.errors import RecipeError
+    from compress.recipe import parse
+
+    parse({"data": {"extra_train": [{"source": "more.txt"}]}})
+    with pytest.raises(RecipeError, match=r"data.extra_train\[0\].label_field: extra_train inputs are unlabelled"):
+        parse({"data": {"extra_train": [{"source": "more.jsonl", "field": "t", "label_field": "y"}]}})
+    with pytest.raises(RecipeError, match=r"data.extra_train\[0\]: x.npz holds images"):
+        parse({"data": {"extra_train": [{"source": "x.npz"}]}})
