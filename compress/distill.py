@@ -88,13 +88,36 @@ def self_loss(s_pooled, s_states, ids, mask, cfg: DistillConfig, previous=None):
             _, p_pooled, p_states = previous.encode(ids, mask)
         loss, _, _ = feature_loss(s_pooled, p_pooled.float(), s_states[1:], [p.float() for p in p_states[1:]], mask, cfg)
         return loss
-    target = s_pooled.detach()
     m = mask.unsqueeze(-1).to(s_states[0].dtype)
+    # The final state mean-pooled: s_pooled itself, unless a narrower student's
+    # output projection has taken it to the teacher's width.
+    target = ((s_states[-1] * m).sum(1) / m.sum(1).clamp(min=1.0)).detach()
     terms = []
     for h in s_states[1:-1]:  # after each layer but the last
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
         terms.append((1 - F.cosine_similarity(pooled, target, dim=-1)).mean())
     return torch.stack(terms).mean() if terms else s_pooled.sum() * 0.0
+
+
+def state_lifts(student, count: int):
+    """A narrower student's hidden states cannot be compared with the teacher's:
+    one learned Linear(hidden -> teacher hidden) per mapped state (TinyBERT),
+    each starting as the output projection did (kept dimensions back in their
+    places). Trained with the student for the feature loss, never exported.
+    None for a student of the teacher's width."""
+    import torch
+
+    from compress.models import projection_of, selection_projection
+
+    proj = projection_of(student)
+    if proj is None:
+        return None
+    return torch.nn.ModuleList([selection_projection(proj.dims, proj.out_features) for _ in range(count)])
+
+
+def lifted(states: list, lifts) -> list:
+    """States taken to the teacher's width by their lifts (unchanged without)."""
+    return list(states) if lifts is None else [lift(s) for lift, s in zip(lifts, states)]
 
 
 def optimizer(module, total: int, lr: float, weight_decay: float, warmup: float):
@@ -154,14 +177,16 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     batches = _batches([len(e) for e in encoded], cfg.batch_size * world.size)
     steps_per_epoch = len(batches)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    opt, sched = optimizer(s_enc, total, cfg.lr, cfg.weight_decay, cfg.warmup)
     use_bf16 = cfg.bf16 and bf16_supported()
     use_feature, use_attention = "feature" in cfg.losses, "attention" in cfg.losses
     pad_id = tokenizer.pad_token_id or 0
 
     use_self = "self" in cfg.losses and (cfg.self_mode == "deep-to-shallow" or previous is not None)
     outputs = teacher_outputs(teacher, layers, encoded, pad_id, cfg, source, progress, desc)
-    step_fn = distributed.wrap(student_step(s_enc, cfg.relation_heads if use_attention else 0))
+    lifts = state_lifts(student, len(student.encoder.layer)) if use_feature else None
+    trainee = student_step(s_enc, cfg.relation_heads if use_attention else 0, lifts)
+    opt, sched = optimizer(trainee, total, cfg.lr, cfg.weight_decay, cfg.warmup)  # the student and its lifts
+    step_fn = distributed.wrap(trainee)
     p_enc = make_sentence_encoder(previous).eval() if previous is not None else None
     bar = progress(total=total, desc=desc) if world.main else _Silent()
     step, history, seen, part_history = 0, [], [], {}
@@ -182,10 +207,10 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
             ids, mask = _pad([encoded[i] for i in rows], pad_id)
             t_pooled, t_states, t_rel = outputs.batch(rows, ids.shape[1])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                s_pooled, s_states, s_rel = step_fn(ids, mask)
+                s_pooled, s_states, s_rel, s_wide = step_fn(ids, mask)
             loss = lp = lh = torch.zeros(())
             if use_feature:
-                loss, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_states[1:]],
+                loss, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_wide],
                                             t_states, mask, cfg)
             parts = {"pooled": lp.item(), "hidden": float(lh)}
             if use_attention:
@@ -198,7 +223,7 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
                 parts["self_distill"] = ls.item()
             opt.zero_grad(set_to_none=True)
             (loss * weight).backward()
-            torch.nn.utils.clip_grad_norm_(s_enc.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainee.parameters(), 1.0)
             opt.step()
             if after_step is not None:
                 after_step()
@@ -247,26 +272,27 @@ def coverage(seen: list[list[int]], n: int, world) -> dict:
     return {"inputs": n, "ranks": world.size, "epochs": epochs}
 
 
-def student_step(s_enc, relation_heads: int):
+def student_step(s_enc, relation_heads: int, lifts=None):
     import torch
 
     class StudentStep(torch.nn.Module):
         """One student forward for a distillation step, as a module so that
         DistributedDataParallel sees (and synchronises) it: the pooled
-        embedding, every hidden state and, with the attention loss, the last
-        layer's relations."""
+        embedding, every hidden state, with the attention loss the last
+        layer's relations, and the states after each layer at the teacher's
+        width (through `lifts` when the student is narrower)."""
 
-        def __init__(self, s_enc, relation_heads: int):
+        def __init__(self, s_enc, relation_heads: int, lifts):
             super().__init__()
-            self.s_enc, self.relation_heads = s_enc, relation_heads
+            self.s_enc, self.relation_heads, self.lifts = s_enc, relation_heads, lifts
 
         def forward(self, ids, mask):
             _, pooled, states = self.s_enc.encode(ids, mask)
             rel = (relations(self.s_enc.encoder.encoder.layer[-1], states[-2], mask, self.relation_heads)
                    if self.relation_heads else ())
-            return pooled, states, rel
+            return pooled, states, rel, lifted(states[1:], self.lifts)
 
-    return StudentStep(s_enc, relation_heads)
+    return StudentStep(s_enc, relation_heads, lifts)
 
 
 def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: DistillConfig, source, progress,
@@ -390,11 +416,16 @@ def born_again(student, teacher, layers: list[int], texts: list[str], tokenizer,
 
 def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     from compress.encoders import load_tokenizer
-    from compress.models import count_params, derive_student, every_other_layer, load_hf_encoder
+    from compress.models import (count_params, derive_student, every_other_layer, load_hf_encoder, narrow_hidden,
+                                 save_projection)
     from compress.teacher_cache import TeacherSource
 
     from compress import prune as pruning
 
+    if cfg.student.hidden is not None and src.meta.get("task", "embedding") != "embedding":
+        from compress.errors import RecipeError
+        raise RecipeError(f"stages.distill.student.hidden: a narrower hidden width is implemented for task embedding "
+                          f"only, not {src.meta.get('task')}; drop hidden (student.layers/ffn/heads still apply)")
     if src.meta.get("task") == "image-classification":  # a CNN on images
         from compress import vision
 
@@ -411,6 +442,8 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     teacher = load_hf_encoder(src.path)
     layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
     student = derive_student(teacher, layers)
+    if cfg.student.hidden is not None:  # before heads/ffn: narrow() ranks them in the narrower model
+        student = narrow_hidden(student, cfg.student.hidden)
     tokenizer = load_tokenizer(src.path)
     plan = narrow(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
     source = TeacherSource(ctx.cache_root, src.digest)
@@ -419,6 +452,7 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         stats = born_again(student, teacher, layers, ctx.train_texts, tokenizer, cfg, ctx.progress, source, stats)
 
     student.save_pretrained(str(out), safe_serialization=True)
+    save_projection(student, out)
     if plan is not None:
         (out / pruning.PLAN_FILE).write_text(json.dumps(plan, indent=2, sort_keys=True))
     tokenizer_files = copy_tokenizer(src.path, out)

@@ -130,7 +130,9 @@ def export(src: Artifact, cfg: ExportConfig, ctx) -> Artifact:
         "precision": "fp32",
         "opset": cfg.opset,
         "inputs": {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]},
-        "outputs": {ONNX_OUTPUT: ["batch", model.config.hidden_size]},
+        # a narrower student's output projection gives the teacher's width
+        "outputs": {ONNX_OUTPUT: ["batch", module.projection.out_features if module.projection is not None
+                                  else model.config.hidden_size]},
         "num_heads": model.config.num_attention_heads,
         "hidden_size": model.config.hidden_size,
         "vocab_size": model.config.vocab_size,

@@ -1,15 +1,18 @@
 """Torch-side model helpers: load a Hugging Face encoder, run it as a sentence
-encoder (mean pooling + L2 norm), and derive a layer-subset student.
+encoder (mean pooling + L2 norm), and derive a student: a layer subset,
+optionally with a narrower hidden width and an output projection back to the
+teacher's width.
 
 Used by distill (training), export (the graph that becomes ONNX) and eval.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
-from compress.errors import SourceError
+from compress.errors import RecipeError, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +24,16 @@ def load_hf_encoder(path: str | Path):
     from compress.prune import PLAN_FILE, load_pruned
 
     if (Path(path) / PLAN_FILE).is_file():
-        return load_pruned(Path(path))
-    try:
-        model = AutoModel.from_pretrained(str(path), attn_implementation="eager")
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"cannot load a Hugging Face model from {path}: {first}; "
-                          "point teacher.source at a directory with config.json and weights") from exc
-    check_supported(model, path)
+        model = load_pruned(Path(path))
+    else:
+        try:
+            model = AutoModel.from_pretrained(str(path), attn_implementation="eager")
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SourceError(f"cannot load a Hugging Face model from {path}: {first}; "
+                              "point teacher.source at a directory with config.json and weights") from exc
+        check_supported(model, path)
+    load_projection(model, Path(path))
     return model.eval()
 
 
@@ -54,6 +59,9 @@ def make_sentence_encoder(model):
         def __init__(self, encoder):
             super().__init__()
             self.encoder = encoder
+            # A narrower student's output projection: registered here, so it trains
+            # with the encoder and is part of the exported graph.
+            self.projection = projection_of(encoder)
 
         def encode(self, input_ids, attention_mask):
             token_type_ids = torch.zeros_like(input_ids)
@@ -68,6 +76,8 @@ def make_sentence_encoder(model):
                 states.append(hidden)
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if self.projection is not None:
+                pooled = self.projection(pooled)
             return F.normalize(pooled, dim=-1), pooled, states
 
         def forward(self, input_ids, attention_mask):
@@ -104,4 +114,158 @@ def derive_student(teacher, layers: list[int]):
 
 
 def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The encoder's parameters and its output projection's, if it has one."""
+    proj = projection_of(model)
+    extra = sum(p.numel() for p in proj.parameters()) if proj is not None else 0
+    return sum(p.numel() for p in model.parameters()) + extra
+
+
+# --- narrower hidden width ----------------------------------------------------
+#
+# A student narrower than its teacher keeps `hidden` of the teacher's residual
+# dimensions and hidden / head_dim whole heads per layer, sliced from the
+# teacher's weights: a standard HF model of the smaller config (from_pretrained
+# reloads it). Its mean-pooled output goes through a Linear(hidden -> teacher
+# hidden) before the L2 norm, so its embeddings live in the teacher's space.
+# The projection is kept out of the HF model's state dict (in the module's
+# __dict__, not registered): model.safetensors stays a plain checkpoint of the
+# architecture config.json names, and the projection has its own file.
+
+PROJECTION_FILE = "projection.safetensors"
+PROJECTION_META = "projection.json"
+
+
+def selection_projection(dims: list[int], width: int):
+    """Linear(len(dims) -> width) that puts student dimension j back at teacher
+    dimension dims[j] (the transpose of the selection) and leaves the rest 0."""
+    import torch
+
+    proj = torch.nn.Linear(len(dims), width)
+    with torch.no_grad():
+        proj.weight.zero_()
+        proj.bias.zero_()
+        proj.weight[torch.tensor(dims), torch.arange(len(dims))] = 1.0
+    proj.dims = list(dims)
+    return proj
+
+
+def projection_of(model):
+    """The output projection of a narrower student, or None."""
+    return model.__dict__.get("sentence_projection")
+
+
+def attach_projection(model, proj) -> None:
+    model.__dict__["sentence_projection"] = proj
+
+
+def save_projection(model, out: Path) -> None:
+    """projection.safetensors (weight, bias) and projection.json beside the HF files, when there is one."""
+    from safetensors.torch import save_file
+
+    proj = projection_of(model)
+    if proj is None:
+        return
+    save_file({"weight": proj.weight.detach().contiguous(), "bias": proj.bias.detach().contiguous()},
+              str(out / PROJECTION_FILE))
+    (out / PROJECTION_META).write_text(json.dumps(
+        {"in_features": proj.in_features, "out_features": proj.out_features, "dims": list(proj.dims),
+         "applied": "to the mean-pooled output, before the L2 norm"}, indent=2))
+
+
+def load_projection(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not (path / PROJECTION_META).is_file():
+        return
+    info = json.loads((path / PROJECTION_META).read_text())
+    if info["in_features"] != model.config.hidden_size:
+        raise SourceError(f"{path / PROJECTION_META}: projection from width {info['in_features']}, but the model's "
+                          f"hidden size is {model.config.hidden_size}; the artifact is inconsistent, rebuild it")
+    proj = selection_projection(info["dims"], info["out_features"])
+    weights = load_file(str(path / PROJECTION_FILE))
+    proj.load_state_dict({"weight": weights["weight"], "bias": weights["bias"]}, strict=True)
+    attach_projection(model, proj)
+
+
+def residual_scores(model):
+    """One importance score per residual-stream dimension: |gamma| of every
+    LayerNorm plus the word embeddings' column norm, each term scaled to mean 1
+    so that no single norm decides."""
+    import torch
+
+    terms = [model.embeddings.word_embeddings.weight.detach().norm(dim=0)]
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+            terms.append(module.weight.detach().abs())
+    return sum(t / t.mean().clamp(min=1e-12) for t in terms)
+
+
+def _top(scores, k: int) -> list[int]:
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+def narrow_hidden(model, hidden: int):
+    """A copy of `model` with hidden width `hidden`, its weights sliced from
+    `model`'s; an output projection back to the original width is attached
+    (selection_projection of the kept dimensions). Heads are kept whole: the
+    student has hidden / head_dim of them, chosen per layer by weight magnitude."""
+    import torch
+    from transformers import AutoModel
+
+    from compress.prune import head_scores, num_heads
+
+    width = model.config.hidden_size
+    head_dim = model.encoder.layer[0].attention.self.attention_head_size
+    if hidden >= width or hidden % head_dim:
+        raise RecipeError(f"stages.distill.student.hidden {hidden} must be a multiple of the teacher's head size "
+                          f"{head_dim} below its hidden size {width}; pick one of "
+                          f"{list(range(head_dim, width, head_dim)) or 'none (the teacher has one head)'}")
+    if projection_of(model) is not None or width != model.embeddings.word_embeddings.weight.shape[1]:
+        raise RecipeError("stages.distill.student.hidden: the teacher is itself a narrowed student or has a "
+                          "separate embedding width; distill from a standard BERT-family teacher")
+    heads = hidden // head_dim
+    few = [i for i, layer in enumerate(model.encoder.layer) if num_heads(layer) < heads]
+    if few:
+        raise RecipeError(f"stages.distill.student.hidden {hidden} keeps {heads} heads of {head_dim} dims, but "
+                          f"teacher layers {few} have fewer; pick a smaller hidden")
+    dims = _top(residual_scores(model), hidden)
+    rows = []  # per layer: the Q/K/V rows (and attention-output columns) of the kept heads
+    for layer in model.encoder.layer:
+        kept = _top(head_scores(layer, "magnitude"), heads)
+        rows.append(torch.tensor([h * head_dim + j for h in kept for j in range(head_dim)]))
+
+    config = type(model.config).from_dict(model.config.to_dict())
+    config.hidden_size, config.num_attention_heads = hidden, heads
+    student = AutoModel.from_config(config, attn_implementation="eager")
+    student.load_state_dict(_sliced(model.state_dict(), student.state_dict(), torch.tensor(dims), rows), strict=True)
+    attach_projection(student, selection_projection(dims, width))
+    return student.eval()
+
+
+def _sliced(old: dict, new: dict, r, rows: list) -> dict:
+    """`old`'s tensors cut to `new`'s shapes: r = kept residual dims, rows[i] =
+    layer i's kept attention rows."""
+    out = {}
+    for name, target in new.items():
+        t = old[name]
+        parts = name.split(".")
+        if "layer" in parts and "encoder" in parts:
+            a = rows[int(parts[parts.index("layer") + 1])]
+        if name.endswith(("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")):
+            t = t[a][:, r]
+        elif name.endswith(("attention.self.query.bias", "attention.self.key.bias", "attention.self.value.bias")):
+            t = t[a]
+        elif name.endswith("attention.output.dense.weight"):
+            t = t[r][:, a]
+        elif name.endswith("intermediate.dense.weight") or name.endswith("_embeddings.weight"):
+            t = t[:, r]
+        elif name.endswith("pooler.dense.weight"):
+            t = t[r][:, r]
+        elif t.shape != target.shape and t.ndim >= 1 and t.shape[0] == old["embeddings.LayerNorm.weight"].shape[0]:
+            t = t[r]  # LayerNorms, output.dense rows and every bias of the residual stream
+        if t.shape != target.shape:
+            raise RecipeError(f"stages.distill.student.hidden: cannot slice {name} {tuple(old[name].shape)} to "
+                              f"{tuple(target.shape)} (not a BERT-family layout); leave hidden unset")
+        out[name] = t.clone()
+    return out

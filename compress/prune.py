@@ -163,18 +163,19 @@ def importance(student, teacher, layers, texts, tokenizer, cfg: PruneConfig):
     """Accumulate gradients of the distillation loss over a few batches (Taylor)."""
     import torch
 
-    from compress.distill import feature_loss
+    from compress.distill import feature_loss, lifted, state_lifts
     from compress.models import make_sentence_encoder
 
     s_enc, t_enc = make_sentence_encoder(student), make_sentence_encoder(teacher).eval()
     student.zero_grad(set_to_none=True)
     kd = DistillConfig()
+    lifts = state_lifts(student, len(student.encoder.layer))  # fresh: a narrower student's states to the teacher's width
     for ids, mask in sample_batches(texts, tokenizer, cfg):
         with torch.inference_mode():
             _, t_pooled, t_states = t_enc.encode(ids, mask)
         _, s_pooled, s_states = s_enc.encode(ids, mask)
-        loss, _, _ = feature_loss(s_pooled, t_pooled.clone(), s_states[1:], [t_states[l + 1].clone() for l in layers],
-                                  mask, kd)
+        loss, _, _ = feature_loss(s_pooled, t_pooled.clone(), lifted(s_states[1:], lifts),
+                                  [t_states[l + 1].clone() for l in layers], mask, kd)
         loss.backward()
 
 
@@ -202,10 +203,11 @@ def skip_loss(student, teacher, layers, texts, tokenizer, cfg: PruneConfig) -> C
     """
     import torch
 
-    from compress.distill import feature_loss
+    from compress.distill import feature_loss, lifted, state_lifts
     from compress.models import make_sentence_encoder
 
     s_enc, t_enc = make_sentence_encoder(student).eval(), make_sentence_encoder(teacher).eval()
+    lifts = state_lifts(student, len(student.encoder.layer))
     cached = []
     for ids, mask in sample_batches(texts, tokenizer, cfg):
         with torch.inference_mode():
@@ -218,7 +220,8 @@ def skip_loss(student, teacher, layers, texts, tokenizer, cfg: PruneConfig) -> C
         with only_layers(student, kept), torch.inference_mode():
             for ids, mask, t_pooled, t_states in cached:
                 _, s_pooled, s_states = s_enc.encode(ids, mask)
-                value, _, _ = feature_loss(s_pooled, t_pooled, s_states[1:], [t_states[layers[i] + 1] for i in kept],
+                s_wide = lifted(s_states[1:], None if lifts is None else [lifts[i] for i in kept])
+                value, _, _ = feature_loss(s_pooled, t_pooled, s_wide, [t_states[layers[i] + 1] for i in kept],
                                            mask, kd)
                 total += float(value)
         return total / max(len(cached), 1)
@@ -396,8 +399,9 @@ def compose(first: dict, second: dict) -> dict:
 
 
 def structure(model) -> dict:
-    """[kept, of] heads and FFN neurons per layer, for reports."""
-    return {"heads": [num_heads(layer) for layer in model.encoder.layer],
+    """Heads and FFN neurons per layer and the hidden (residual stream) width, for reports."""
+    return {"hidden": model.config.hidden_size,
+            "heads": [num_heads(layer) for layer in model.encoder.layer],
             "ffn": [layer.intermediate.dense.out_features for layer in model.encoder.layer]}
 
 
@@ -405,7 +409,7 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     from compress import distributed
     from compress.distill import no_dropout, train
     from compress.encoders import load_tokenizer
-    from compress.models import count_params, load_hf_encoder
+    from compress.models import count_params, load_hf_encoder, save_projection
     from compress.teacher_cache import TeacherSource
 
     student = load_hf_encoder(src.path)
@@ -452,6 +456,7 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
 
     out: Path = ctx.out
     student.save_pretrained(str(out), safe_serialization=True)
+    save_projection(student, out)
     earlier = json.loads((src.path / PLAN_FILE).read_text()) if (src.path / PLAN_FILE).is_file() else {}
     (out / PLAN_FILE).write_text(json.dumps(compose(earlier, plan), indent=2, sort_keys=True))
     tokenizer_files = copy_tokenizer(src.path, out)
@@ -466,7 +471,7 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
         "params_before_prune": before,
         "pruning": {"importance": cfg.importance, "layers_removed": removed,
                     **{part: [[kept, shape_before[part][i]] for kept, i in zip(now, kept_layers)]
-                       for part, now in structure(student).items()}},
+                       for part, now in structure(student).items() if part != "hidden"}},
         **sparsity,
         "recovery": stats,
         "tokenizer_files": tokenizer_files,

@@ -50,6 +50,7 @@ class StudentConfig(Frozen):
     layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last); image-classification: teacher MBConv blocks kept (default: every block that changes shape and every other residual block)")
     ffn: float = Field(0.35, ge=0, lt=1, description="Share of FFN neurons removed from every kept layer before training (Taylor-ranked)")
     heads: float = Field(0.0, ge=0, lt=1, description="Share of attention heads removed from every kept layer before training")
+    hidden: int | None = Field(None, ge=1, description="task embedding: the student's hidden (residual stream) width, a multiple of the teacher's head size below its hidden size (default: the teacher's). Kept dimensions and whole heads are chosen by weight magnitude and sliced from the teacher; a learned Linear(hidden -> teacher hidden) on the pooled output keeps embeddings in the teacher's space and is exported with the model")
     channels: float = Field(0.5, ge=0, lt=1, description="image-classification: share of the expanded channels of every kept MBConv block, and of the head's channels, removed before training (smallest |BN scale| x L1 weight norm first); block outputs keep the teacher's widths")
 
 
@@ -111,6 +112,9 @@ class LmDistillConfig(Frozen):
     @model_validator(mode="before")
     @classmethod
     def no_student_block(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("student"), dict) and "hidden" in value["student"]:
+            raise ValueError("student.hidden: a narrower hidden width is implemented for task embedding only; "
+                             "drop it (layers picks fewer teacher blocks)")
         if isinstance(value, dict) and "student" in value:
             raise ValueError("task causal-lm picks the student's blocks with layers: [teacher block indices], "
                              "not student:; move student.layers to layers (ffn and heads do not apply)")

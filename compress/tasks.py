@@ -65,6 +65,9 @@ def check_recipe(recipe) -> None:
                               "set task: image-classification or give text data")
     # Compared with the defaults, not model_fields_set: a report's recipe (re-read by
     # `compress bench`) spells out every field.
+    if distill is not None and recipe.task != "embedding" and distill.student.hidden is not None:
+        raise RecipeError(f"stages.distill.student.hidden: a narrower hidden width is implemented for task embedding "
+                          f"only, not {recipe.task}; drop hidden (student.ffn and student.heads narrow the student)")
     if distill is not None and distill.student.channels != _default("channels"):
         raise RecipeError("stages.distill.student.channels: narrows CNN blocks (task image-classification); "
                           "use student.ffn and student.heads for a transformer")
@@ -177,6 +180,9 @@ def check_image_recipe(recipe, distill) -> None:
             raise RecipeError("stages.distill.losses: self is implemented for task embedding; a CNN takes logit "
                               "and/or feature")
         student = distill.student
+        if student.hidden is not None:
+            raise RecipeError("stages.distill.student.hidden: a narrower hidden width is implemented for task "
+                              "embedding only; for a CNN use student.layers and student.channels")
         if student.heads or student.ffn != _default("ffn"):
             raise RecipeError("stages.distill.student: heads and ffn narrow transformers; for a CNN use "
                               "student.layers (blocks kept) and student.channels")
