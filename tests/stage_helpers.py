@@ -16,3 +16,13 @@ def context(out: Path, train: list[str], validation: list[str] | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     return StageContext(out=out, train_texts=train, validation_texts=validation or train[:8], max_length=64,
                         progress=lambda total, desc: Progress(False, total, desc))
+
+
+def narrowed_student(teacher: Path, out: Path, train: list[str]) -> Artifact:
+    """A briefly distilled student of hidden 16 (the tiny teacher has 32): one
+    head, with an output projection back to width 32."""
+    from compress.distill import distill
+    from compress.recipe import DistillConfig, StudentConfig
+
+    cfg = DistillConfig(student=StudentConfig(hidden=16), max_steps=4, batch_size=16, max_length=32)
+    return distill(teacher_artifact(teacher), cfg, context(out, train))

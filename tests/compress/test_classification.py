@@ -142,7 +142,8 @@ def test_hard_labels_and_narrowing(teacher_dir, tmp_path):
 
     art = distill(artifact(teacher_dir), cfg, ctx)
     assert art.meta["labelled_inputs"] == len(set(texts))
-    assert (art.path / PLAN_FILE).is_file() and art.meta["structure"] == {"heads": [1, 1], "ffn": [32, 32]}
+    assert (art.path / PLAN_FILE).is_file()
+    assert art.meta["structure"] == {"hidden": 32, "heads": [1, 1], "ffn": [32, 32]}
     model = load_hf_classifier(art.path)
     assert model.classifier.out_features == 2
     assert TorchClassifier(art.path, 64).embed(["a cat"]).shape == (1, 2)

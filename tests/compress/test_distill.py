@@ -89,7 +89,7 @@ def test_student_narrowed_before_training(tiny_teacher, tmp_path):
     cfg = DistillConfig(student=StudentConfig(ffn=0.5, heads=0.5), max_steps=30, batch_size=16, max_length=32, lr=1e-3)
     art = distill(src, cfg, context(tmp_path, make_texts(200)))
     assert (art.path / PLAN_FILE).is_file()
-    assert art.meta["structure"] == {"heads": [1, 1], "ffn": [32, 32]}
+    assert art.meta["structure"] == {"hidden": 32, "heads": [1, 1], "ffn": [32, 32]}
     model = load_hf_encoder(art.path)  # reloads with its narrower shapes
     assert [l.intermediate.dense.out_features for l in model.encoder.layer] == [32, 32]
     assert art.meta["loss_last"] < art.meta["loss_first"]
@@ -230,3 +230,125 @@ def test_self_needs_a_teacher_loss_and_generations_need_self():
     with pytest.raises(RecipeError, match="generations are born-again"):
         parse({"stages": [{"distill": {"generations": 3}}]})
     parse({"stages": [{"distill": {"losses": ["feature", "self"], "generations": 3}}]})
+
+
+# --- a narrower hidden width --------------------------------------------------
+
+def _narrowed_raw(teacher_dir, out, hidden=16):
+    """The undistilled narrower student (sliced from the teacher, projection at its initial selection)."""
+    from compress.models import narrow_hidden, save_projection
+
+    student = narrow_hidden(derive_student(load_hf_encoder(teacher_dir), [1, 3]), hidden)
+    student.save_pretrained(out)
+    save_projection(student, out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (out / f).write_bytes((teacher_dir / f).read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def hidden_distilled(peaked_teacher, tmp_path_factory):
+    src = teacher_artifact(peaked_teacher)
+    cfg = DistillConfig(student=StudentConfig(ffn=0, hidden=16), epochs=3, batch_size=16, max_length=32, lr=1e-3)
+    return distill(src, cfg, context(tmp_path_factory.mktemp("hidden"), make_texts(320)))
+
+
+def test_hidden_narrowed_student_distills_towards_the_teacher(hidden_distilled, peaked_teacher, tmp_path):
+    """hidden 16 of the teacher's 32 (1 head): the loss falls, embeddings come out
+    at the teacher's width, and held-out fidelity beats the undistilled narrowed student."""
+    from compress.models import PROJECTION_FILE, projection_of, selection_projection
+
+    art = hidden_distilled
+    assert art.meta["structure"] == {"hidden": 16, "heads": [1, 1], "ffn": [64, 64]}
+    assert art.meta["loss_last"] < art.meta["loss_first"]
+    assert art.meta["losses"]["hidden"]["last"] < art.meta["losses"]["hidden"]["first"]
+    assert (art.path / PROJECTION_FILE).is_file()
+    model = load_hf_encoder(art.path)
+    proj = projection_of(model)
+    assert model.config.hidden_size == 16 and proj.out_features == 32
+    assert not torch_equal(proj.weight, selection_projection(proj.dims, 32).weight)  # trained with the student
+    assert art.meta["params"] == model.num_parameters() + 16 * 32 + 32
+    held = make_texts(60, seed=99)
+    teacher = TorchEncoder(peaked_teacher, 64).embed(held)
+    trained = TorchEncoder(art.path, 64).embed(held)
+    untrained = TorchEncoder(_narrowed_raw(peaked_teacher, tmp_path / "raw"), 64).embed(held)
+    assert trained.shape == teacher.shape == (60, 32)
+    assert fidelity(trained, teacher)["cosine"] > fidelity(untrained, teacher)["cosine"] + 0.02
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_feature_loss_lifts_are_learned(peaked_teacher, monkeypatch):
+    """The per-state lifts start as the selection and move with training; without them
+    a narrower student's states could not be compared with the teacher's."""
+    import torch
+
+    import compress.distill as d
+    from compress.distill import lifted, state_lifts
+    from compress.encoders import load_tokenizer
+    from compress.models import narrow_hidden
+
+    student = narrow_hidden(derive_student(load_hf_encoder(peaked_teacher), [1, 3]), 16)
+    lifts = state_lifts(student, 2)
+    dims = lifts[0].dims
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(lifted([x], lifts)[0][..., dims], x)
+
+    seen = {}
+    original = d.student_step
+
+    def spy(s_enc, heads, lifts=None):
+        seen["lifts"] = lifts
+        return original(s_enc, heads, lifts)
+
+    monkeypatch.setattr(d, "student_step", spy)
+    cfg = DistillConfig(student=StudentConfig(ffn=0, hidden=16), max_steps=5, batch_size=8, max_length=32, lr=1e-3)
+    d.train(student, load_hf_encoder(peaked_teacher), [1, 3], make_texts(40), load_tokenizer(peaked_teacher), cfg,
+            lambda total, desc: d._Silent())
+    assert seen["lifts"] is not None and len(seen["lifts"]) == 2
+    assert not torch.equal(seen["lifts"][0].weight, lifts[0].weight)
+
+
+def test_hidden_composes_with_heads_and_ffn_narrowing(tiny_teacher, tmp_path):
+    from compress.prune import PLAN_FILE, structure
+
+    src = teacher_artifact(tiny_teacher)
+    cfg = DistillConfig(student=StudentConfig(hidden=16, ffn=0.5, heads=0.5), max_steps=6, batch_size=16,
+                        max_length=32)
+    art = distill(src, cfg, context(tmp_path, make_texts(80)))
+    assert (art.path / PLAN_FILE).is_file()
+    assert art.meta["structure"] == {"hidden": 16, "heads": [1, 1], "ffn": [32, 32]}
+    model = load_hf_encoder(art.path)  # plan applied on the narrower config, then its weights
+    assert structure(model) == art.meta["structure"]
+    assert TorchEncoder(art.path, 64).embed(make_texts(3, seed=5)).shape == (3, 32)
+
+
+def test_hidden_then_prune_reloads(tiny_teacher, tmp_path):
+    from compress.models import projection_of
+    from compress.prune import prune, structure
+    from compress.recipe import PruneConfig
+
+    src = teacher_artifact(tiny_teacher)
+    narrowed = distill(src, DistillConfig(student=StudentConfig(hidden=16, ffn=0.5), max_steps=2, batch_size=16,
+                                          max_length=32), context(tmp_path / "d", make_texts(60)))
+    ctx = context(tmp_path / "p", make_texts(60))
+    ctx.teacher = src
+    art = prune(narrowed, PruneConfig(ffn=0.5, recover_steps=4, batch_size=16, max_length=32), ctx)
+    model = load_hf_encoder(art.path)
+    assert structure(model) == {"hidden": 16, "heads": [1, 1], "ffn": [16, 16]}
+    assert projection_of(model) is not None and projection_of(model).out_features == 32
+    assert art.meta["recovery"]["steps"] == 4
+
+
+@pytest.mark.parametrize("task", ["classification", "image-classification"])
+def test_hidden_is_embedding_only_at_the_stage(tiny_teacher, tmp_path, task):
+    from compress.errors import RecipeError
+
+    src = teacher_artifact(tiny_teacher)
+    src = type(src)(path=src.path, kind=src.kind, digest=src.digest, meta={"task": task})
+    with pytest.raises(RecipeError, match="implemented for task embedding only"):
+        distill(src, DistillConfig(student=StudentConfig(hidden=16), max_steps=1), context(tmp_path, make_texts(10)))

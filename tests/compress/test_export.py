@@ -58,3 +58,25 @@ def test_failed_validation_names_the_numbers(tiny_teacher, tmp_path):
     src = teacher_artifact(tiny_teacher)
     with pytest.raises(StageError, match=r"max \|diff\| \S+ \(allowed 1e-12\), mean cosine"):
         export(src, ExportConfig(max_abs_diff=1e-12), context(tmp_path, make_texts(10)))
+
+
+def test_narrower_student_exports_teacher_width_embeddings(tiny_teacher, tmp_path):
+    """A hidden-16 student's output projection is part of the graph: the ONNX
+    embedding has the teacher's 32 dims and matches torch (export.validate)."""
+    from tests.stage_helpers import narrowed_student
+
+    student = narrowed_student(tiny_teacher, tmp_path / "s", make_texts(60))
+    art = export(student, ExportConfig(), context(tmp_path / "e", make_texts(40)))
+    assert art.meta["outputs"]["sentence_embedding"] == ["batch", 32]
+    assert art.meta["hidden_size"] == 16 and art.meta["num_heads"] == 1
+    assert art.meta["validation"]["random"]["max_abs_diff"] < 1e-4
+    model = onnx.load(str(art.model_file))
+    onnx.checker.check_model(model, full_check=True)
+    assert sum(sorted(t.dims) == [16, 32] for t in model.graph.initializer) == 1  # the projection's weight
+    ids, mask = random_inputs(30522, batch=3, seq=11, seed=4)
+    got = ort.InferenceSession(str(art.model_file), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.inference_mode():
+        want = make_sentence_encoder(load_hf_encoder(student.path)).eval()(torch.from_numpy(ids),
+                                                                           torch.from_numpy(mask)).numpy()
+    assert got.shape == (3, 32) and np.abs(got - want).max() < 1e-4

@@ -120,3 +120,22 @@ def test_recipe_places_fuse_between_export_and_quantize():
     assert stage_function("fuse") == (fuse, 1)
     with pytest.raises(Exception, match="op"):
         recipe.parse({"stages": [{"fuse": {"op": "FlashAttention"}}]})
+
+
+def test_fuse_and_static_int8_of_a_narrower_student(tiny_teacher, tmp_path):
+    """hidden 16, one head, and the output projection after pooling: every
+    attention fuses, and static int8 keeps the teacher-width embedding."""
+    from tests.stage_helpers import narrowed_student
+
+    student = narrowed_student(tiny_teacher, tmp_path / "s", make_texts(60))
+    plain = export(student, ExportConfig(), context(tmp_path / "e", make_texts(20)))
+    fused = fuse(plain, FuseConfig(), context(tmp_path / "f", make_texts(8)))
+    attention = fused.meta["fusion"]["attention"]
+    assert attention["fused"] == 2 and attention["heads"] == [1, 1] and attention["head_size"] == [16, 16]
+    ctx = context(tmp_path / "q", make_texts(40))
+    ctx.calibration_texts = make_texts(32, seed=3)
+    art = quantize(fused, QuantizeConfig(mode="static"), ctx)
+    ids, mask = random_inputs(30522, batch=3, seq=20, seed=7)
+    out = run_onnx(art.model_file, ids, mask)
+    assert out.shape == (3, 32)
+    assert compare(out, run_onnx(plain.model_file, ids, mask))["mean_cosine"] > 0.99

@@ -95,8 +95,8 @@ def test_recovery_brings_the_pruned_student_closer_to_the_teacher(student, tmp_p
     assert f1 > f0
 
 
-@pytest.mark.parametrize("heads,ffn,want", [(0.5, 0.0, {"heads": [1, 1], "ffn": [32, 32]}),
-                                            (0.0, 0.5, {"heads": [2, 2], "ffn": [16, 16]})])
+@pytest.mark.parametrize("heads,ffn,want", [(0.5, 0.0, {"hidden": 32, "heads": [1, 1], "ffn": [32, 32]}),
+                                            (0.0, 0.5, {"hidden": 32, "heads": [2, 2], "ffn": [16, 16]})])
 def test_pruning_a_narrowed_student_reloads(tiny_teacher, tmp_path, heads, ffn, want):
     """distill narrows the FFN first; prune's saved plan must describe both steps."""
     from compress.prune import structure
@@ -192,7 +192,7 @@ def test_layer_removal_after_narrowing_and_head_pruning_reloads(tiny_teacher, tm
     plan = json.loads((art.path / PLAN_FILE).read_text())
     assert plan["layers"] == [1, 2] and sorted(plan["ffn"]) == ["0", "1"]
     assert all(len(kept) == 16 and max(kept) < 64 for kept in plan["ffn"].values())
-    assert structure(load_hf_encoder(art.path)) == {"heads": [1, 1], "ffn": [16, 16]}
+    assert structure(load_hf_encoder(art.path)) == {"hidden": 32, "heads": [1, 1], "ffn": [16, 16]}
     assert art.meta["layers"] == [1, 2] and art.meta["pruning"]["ffn"] == [[16, 32], [16, 32]]
 
 

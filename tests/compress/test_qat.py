@@ -186,3 +186,22 @@ def test_preflight_rejects_qat_with_an_onnx_teacher(planted):
                     "stages": [{"quantize": {"mode": "qat"}}], "targets": {"cpu": {}}})
     with pytest.raises(RecipeError, match="mode: qat trains the torch model"):
         preflight(recipe, ["cpu"])
+
+
+def test_qat_of_a_narrower_student_keeps_its_projection(tiny_teacher, tmp_path):
+    """QAT trains a hidden-16 student's layers with fake int8; its output
+    projection (after pooling, one small Gemm) stays fp32 in the QDQ graph."""
+    from compress.quantize import run_onnx
+    from tests.stage_helpers import narrowed_student
+
+    train = make_texts(80)
+    student = narrowed_student(tiny_teacher, tmp_path / "s", train)
+    fp32 = export(student, ExportConfig(), context(tmp_path / "e", train[:8]))
+    ctx = stage_context(tmp_path / "q", teacher_artifact(tiny_teacher), train)
+    ctx.torch_source = student
+    art = quantize(fp32, QuantizeConfig(mode="qat", qat_steps=6, qat_batch_size=16), ctx)
+    q = art.meta["quantization"]["qat"]
+    assert q["linear_matmuls"] == {"linear": 12, "int8": 12, "gemm": 1}  # 6 Linears x 2 layers; the projection
+    assert q["onnx_vs_torch_fake_quant"]["mean_cosine"] > 0.9999
+    ids, mask = held_out(tiny_teacher)
+    assert run_onnx(art.model_file, ids, mask).shape == (64, 32)
