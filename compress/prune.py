@@ -169,7 +169,7 @@ def importance(student, teacher, layers, texts, tokenizer, cfg: PruneConfig):
     s_enc, t_enc = make_sentence_encoder(student), make_sentence_encoder(teacher).eval()
     student.zero_grad(set_to_none=True)
     kd = DistillConfig()
-    lifts = state_lifts(student, len(student.encoder.layer))  # fresh: a narrower student's states to the teacher's width
+    lifts = state_lifts(student, len(student.encoder.layer))
     for ids, mask in sample_batches(texts, tokenizer, cfg):
         with torch.inference_mode():
             _, t_pooled, t_states = t_enc.encode(ids, mask)

@@ -62,3 +62,30 @@ def test_extra_train_is_unlabelled_text():
         parse({"data": {"extra_train": [{"source": "more.jsonl", "field": "t", "label_field": "y"}]}})
     with pytest.raises(RecipeError, match=r"data.extra_train\[0\]: x.npz holds images"):
         parse({"data": {"extra_train": [{"source": "x.npz"}]}})
+
+
+@pytest.mark.parametrize("data,pattern", [
+    ({"stages": [{"distill": {"student": {"hidden": 0}}}]},
+     r"stages\[0\]\.distill\.student\.hidden: .*greater than or equal to 1"),
+    ({"stages": [{"distill": {"student": {"hidden": 8.5}}}]}, r"stages\[0\]\.distill\.student\.hidden: .*integer"),
+    ({"task": "classification", "teacher": {"source": "example:minilm-polarity"},
+      "data": {"eval": [{"source": "example:polarity-test"}]}, "stages": [{"distill": {"student": {"hidden": 192}}}]},
+     r"student\.hidden: a narrower hidden width is implemented for task embedding only, not classification"),
+    ({"task": "image-classification", "teacher": {"source": "example:efficientnet-lite0-fashion"},
+      "data": {"train": {"source": "example:fashion-mnist-train"}, "eval": [{"source": "example:fashion-mnist-test"}]},
+      "stages": [{"distill": {"student": {"hidden": 16}}}]},
+     r"student\.hidden: a narrower hidden width is implemented for task embedding only"),
+    ({"task": "causal-lm", "teacher": {"source": "hf:lm"}, "stages": [{"distill": {"student": {"hidden": 16}}}]},
+     r"student\.hidden: a narrower hidden width is implemented for task embedding only"),
+])
+def test_student_hidden_errors(data, pattern):
+    with pytest.raises(RecipeError, match=pattern) as info:
+        recipe.parse(data)
+    assert "\n" not in str(info.value)
+
+
+def test_student_hidden_is_in_the_schema_and_parses():
+    r = recipe.parse({"stages": [{"distill": {"student": {"hidden": 192, "heads": 0.25}}}]})
+    assert r.stage_plan()[0][1].student.hidden == 192
+    props = recipe.schema()["$defs"]["StudentConfig"]["properties"]
+    assert "hidden" in props and "teacher's" in props["hidden"]["description"]
