@@ -284,3 +284,27 @@ def test_static_and_qat_quantize_keys_follow_the_calibration_length():
         b.inputs = Inputs([], [], [], digests={"calibration": "c", "train": "t", "heldout": "h"})
         extras.append(b.stage_extra("quantize", QuantizeConfig(mode="static")))
     assert extras[0] != extras[1] and extras[0]["calibration"] == extras[1]["calibration"]
+
+
+def test_build_with_a_narrower_hidden_width(tiny_project, tiny_teacher, tmp_path):
+    """student.hidden 16 of the teacher's 32, then prune: the report's structure
+    shows the width, and the built model's embeddings are teacher-width, so
+    fidelity and eval compare them with the teacher's."""
+    d = tmp_path / "h"
+    d.mkdir()
+    for name in ("train.txt", "pairs.jsonl"):
+        shutil.copyfile(tiny_project / name, d / name)
+    recipe = tiny_recipe(tiny_teacher, quantize="{mode: dynamic}",
+                         distill="{student: {hidden: 16}, epochs: 1, batch_size: 16, max_length: 32}").replace(
+        "  - quantize:", "  - prune: {ffn: 0.5, recover_steps: 5, batch_size: 16, max_length: 32}\n  - quantize:")
+    (d / "compress.yaml").write_text(recipe)
+    res = build(d)
+    assert res.returncode == 0, res.stderr
+    rep = report(d)
+    assert [s["stage"] for s in rep["stages"]] == ["distill", "prune", "export", "quantize", "target cpu"]
+    distill_meta, prune_meta = rep["stages"][0]["meta"], rep["stages"][1]["meta"]
+    assert distill_meta["structure"]["hidden"] == 16 and prune_meta["structure"]["hidden"] == 16
+    assert prune_meta["structure"]["ffn"] == [21, 21]  # 64 less student.ffn 0.35 (42), then half
+    assert rep["stages"][2]["meta"]["outputs"]["sentence_embedding"] == ["batch", 32]
+    assert rep["final"]["params"] < 0.6 * rep["teacher"]["params"]
+    assert rep["summary"]["fidelity"]["cosine"] > 0.5  # cosine to the teacher, at its width; measured 0.82
