@@ -417,7 +417,7 @@ def born_again(student, teacher, layers: list[int], texts: list[str], tokenizer,
 def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     from compress.encoders import load_tokenizer
     from compress.models import (count_params, derive_student, every_other_layer, load_hf_encoder, narrow_hidden,
-                                 save_projection)
+                                 projection_of, save_projection)
     from compress.teacher_cache import TeacherSource
 
     from compress import prune as pruning
@@ -440,6 +440,10 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         return lm_distill.distill(src, cfg, ctx)
     out: Path = ctx.out
     teacher = load_hf_encoder(src.path)
+    if projection_of(teacher) is not None:  # its hidden states and its embedding differ in width
+        from compress.errors import RecipeError
+        raise RecipeError(f"teacher.source: {src.path} is a student with an output projection (student.hidden); "
+                          "distill from the teacher it came from")
     layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
     student = derive_student(teacher, layers)
     if cfg.student.hidden is not None:  # before heads/ffn: narrow() ranks them in the narrower model

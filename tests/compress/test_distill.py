@@ -352,3 +352,10 @@ def test_hidden_is_embedding_only_at_the_stage(tiny_teacher, tmp_path, task):
     src = type(src)(path=src.path, kind=src.kind, digest=src.digest, meta={"task": task})
     with pytest.raises(RecipeError, match="implemented for task embedding only"):
         distill(src, DistillConfig(student=StudentConfig(hidden=16), max_steps=1), context(tmp_path, make_texts(10)))
+
+
+def test_a_narrowed_student_is_not_a_teacher(hidden_distilled, tmp_path):
+    from compress.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="is a student with an output projection"):
+        distill(teacher_artifact(hidden_distilled.path), DistillConfig(max_steps=1), context(tmp_path, make_texts(10)))
