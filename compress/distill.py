@@ -21,6 +21,7 @@ from compress.recipe import DistillConfig, PruneConfig
 log = logging.getLogger(__name__)
 
 VERSION = 1
+BORN_AGAIN_GENERATIONS = 2  # self, born-again, when the recipe gives no generations
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -402,7 +403,7 @@ def born_again(student, teacher, layers: list[int], texts: list[str], tokenizer,
     import copy
 
     runs = [first]
-    for g in range(2, cfg.generations + 1):
+    for g in range(2, (cfg.generations or BORN_AGAIN_GENERATIONS) + 1):
         previous = copy.deepcopy(student).eval()
         for p in previous.parameters():
             p.requires_grad_(False)

@@ -58,7 +58,7 @@ class DistillConfig(Frozen):
     student: StudentConfig = Field(StudentConfig(), description="How the student is derived from the teacher")
     losses: list[Literal["feature", "attention", "logit", "self"]] = Field(["feature"], min_length=1, description="Distillation losses: feature (pooled embedding + hidden states, relative MSE + cosine), attention (MiniLM-v2 self-attention relations of the last layer, KL), logit (classification: Hinton's KL of temperature-softened class distributions, times T^2), self (self-distillation, see self_mode; with feature and/or attention, which bring the teacher)")
     self_mode: Literal["born-again", "deep-to-shallow"] = Field("born-again", description="self: born-again (after the first generation, each generation starts from a trained copy of the student and learns from the teacher and from that frozen copy) or deep-to-shallow (every shallower layer's mean-pooled state learns the student's own final embedding)")
-    generations: int = Field(2, ge=1, le=8, description="self, born-again: student generations trained one after the other (1 = plain distillation)")
+    generations: int | None = Field(None, ge=1, le=8, description="self, born-again: student generations trained one after the other (default 2; 1 = plain distillation)")
     self_weight: float = Field(1.0, ge=0, description="self: weight of the self-distillation loss")
     attention_weight: float = Field(1.0, ge=0, description="Weight of the attention-relation loss")
     relation_heads: int = Field(12, ge=1, description="attention: relation heads Q, K, V are split into (the same for teacher and student, so head counts may differ)")

@@ -53,7 +53,8 @@ def check_recipe(recipe) -> None:
     if isinstance(distill, LmDistillConfig):  # only when built in code: a YAML distill reads by task
         raise RecipeError(f"stages.distill: causal-lm distillation settings on task {recipe.task}; "
                           "set task: causal-lm or use the encoder distill fields")
-    if distill is not None and "generations" in distill.model_fields_set \
+    # By value, not model_fields_set: a report's recipe (re-read by `compress bench`) spells out every field.
+    if distill is not None and distill.generations is not None \
             and not ("self" in distill.losses and distill.self_mode == "born-again"):
         raise RecipeError("stages.distill.generations: generations are born-again self-distillation; add self to "
                           "losses (self_mode: born-again) or drop generations")

@@ -89,3 +89,13 @@ def test_student_hidden_is_in_the_schema_and_parses():
     assert r.stage_plan()[0][1].student.hidden == 192
     props = recipe.schema()["$defs"]["StudentConfig"]["properties"]
     assert "hidden" in props and "teacher's" in props["hidden"]["description"]
+
+
+def test_a_full_recipe_dump_parses_back():
+    """compress bench re-reads the recipe a report stores, with every field written out."""
+    from compress.recipe import parse
+
+    for data in ({}, {"stages": [{"distill": {"losses": ["feature", "self"]}}]},
+                 {"stages": [{"distill": {"losses": ["feature", "self"], "generations": 3}}]}):
+        r = parse(data)
+        assert parse(r.model_dump(mode="json", exclude_none=True)) == r  # as report.json stores it
