@@ -486,3 +486,20 @@ def test_config_student_errors_at_the_stage(tiny_teacher, tmp_path):
     with pytest.raises(RecipeError, match="config is implemented for task embedding only, not classification"):
         distill(bad, DistillConfig(student=StudentConfig(config=SMALL), max_steps=1),
                 context(tmp_path / "d", make_texts(10)))
+
+
+def test_config_student_then_prune_reloads(tiny_teacher, tmp_path):
+    from compress.models import projection_of
+    from compress.prune import prune, structure
+    from compress.recipe import PruneConfig
+
+    src = teacher_artifact(tiny_teacher)
+    student = distill(src, DistillConfig(student=StudentConfig(config=SMALL), max_steps=2, batch_size=16,
+                                         max_length=32), context(tmp_path / "d", make_texts(60)))
+    ctx = context(tmp_path / "p", make_texts(60))
+    ctx.teacher = src
+    art = prune(student, PruneConfig(ffn=0.5, heads=0.5, recover_steps=4, batch_size=16, max_length=32), ctx)
+    model = load_hf_encoder(art.path)
+    assert structure(model) == {"hidden": 16, "heads": [1, 1], "ffn": [16, 16]}
+    assert projection_of(model) is not None and projection_of(model).out_features == 32
+    assert TorchEncoder(art.path, 64).embed(make_texts(3, seed=5)).shape == (3, 32)
