@@ -1,8 +1,9 @@
 """Stage `distill`: teacher (torch) -> smaller student (torch).
 
-The student keeps a subset of the teacher's layers, initialised from them, and
-learns to reproduce the teacher's pooled embedding and the hidden state after
-each kept layer (relative MSE + cosine). Teacher targets are computed once per
+The student keeps a subset of the teacher's layers, initialised from them (or
+is built from a config of the teacher's type, student.config), and learns to
+reproduce the teacher's pooled embedding and the hidden state after each
+mapped teacher layer (relative MSE + cosine). Teacher targets are computed once per
 input and kept in the teacher-output cache (compress/teacher_cache.py), reused
 across epochs, rebuilds and prune's recovery; batches group inputs of similar length.
 """
@@ -417,8 +418,8 @@ def born_again(student, teacher, layers: list[int], texts: list[str], tokenizer,
 
 def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     from compress.encoders import load_tokenizer
-    from compress.models import (count_params, derive_student, every_other_layer, load_hf_encoder, narrow_hidden,
-                                 projection_of, save_projection)
+    from compress.models import (config_layers, config_student, count_params, derive_student, every_other_layer,
+                                 load_hf_encoder, narrow_hidden, projection_of, save_projection)
     from compress.teacher_cache import TeacherSource
 
     from compress import prune as pruning
@@ -427,6 +428,11 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         from compress.errors import RecipeError
         raise RecipeError(f"stages.distill.student.hidden: a narrower hidden width is implemented for task embedding "
                           f"only, not {src.meta.get('task')}; drop hidden (student.layers/ffn/heads still apply)")
+    if cfg.student.config is not None and src.meta.get("task", "embedding") != "embedding":
+        from compress.errors import RecipeError
+        raise RecipeError(f"stages.distill.student.config: a student given as a config is implemented for task "
+                          f"embedding only, not {src.meta.get('task')}; drop config (student.layers/ffn/heads "
+                          "derive the student from the teacher)")
     if src.meta.get("task") == "image-classification":  # a CNN on images
         from compress import vision
 
@@ -445,12 +451,20 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         from compress.errors import RecipeError
         raise RecipeError(f"teacher.source: {src.path} is a student with an output projection (student.hidden); "
                           "distill from the teacher it came from")
-    layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
-    student = derive_student(teacher, layers)
-    if cfg.student.hidden is not None:  # before heads/ffn: narrow() ranks them in the narrower model
-        student = narrow_hidden(student, cfg.student.hidden)
+    from_config, config_meta = cfg.student.config is not None, {}
+    if from_config:
+        student, copied = config_student(teacher, cfg.student.config, max(cfg.max_length, ctx.max_length), cfg.seed)
+        layers = config_layers(cfg.student.layers, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        source_of = cfg.student.config if isinstance(cfg.student.config, str) else "recipe"
+        config_meta = {"student_config": {"source": source_of, "from_teacher": copied}}
+    else:
+        layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
+        student = derive_student(teacher, layers)
+        if cfg.student.hidden is not None:  # before heads/ffn: narrow() ranks them in the narrower model
+            student = narrow_hidden(student, cfg.student.hidden)
     tokenizer = load_tokenizer(src.path)
-    plan = narrow(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
+    # A config student has the shape its config gives (the recipe forbids heads/ffn beside it).
+    plan = None if from_config else narrow(student, teacher, layers, ctx.train_texts, tokenizer, cfg)
     source = TeacherSource(ctx.cache_root, src.digest)
     stats = train(student, teacher, layers, ctx.train_texts, tokenizer, cfg, ctx.progress, source=source)
     if "self" in cfg.losses and cfg.self_mode == "born-again":
@@ -470,6 +484,7 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         "params": count_params(student),
         "teacher_params": count_params(teacher),
         **stats,
+        **config_meta,
         "train_inputs": len(ctx.train_texts),
         "tokenizer_files": tokenizer_files,
     })

@@ -1,7 +1,7 @@
 """Torch-side model helpers: load a Hugging Face encoder, run it as a sentence
-encoder (mean pooling + L2 norm), and derive a student: a layer subset,
-optionally with a narrower hidden width and an output projection back to the
-teacher's width.
+encoder (mean pooling + L2 norm), and make a student: derived (a layer subset,
+optionally with a narrower hidden width) or built from a config of the
+teacher's type; a narrower one has an output projection back to the teacher's width.
 
 Used by distill (training), export (the graph that becomes ONNX) and eval.
 """
@@ -269,3 +269,147 @@ def _sliced(old: dict, new: dict, r, rows: list) -> dict:
                               f"{tuple(target.shape)} (not a BERT-family layout); leave hidden unset")
         out[name] = t.clone()
     return out
+
+
+# --- a student given as a config ------------------------------------------------
+#
+# Instead of being cut from the teacher, the student can be any model of the
+# teacher's type: a Hugging Face config (fields over the teacher's, or a
+# config.json). Its layers start at Hugging Face's random init, since a layer of
+# another shape has no honest counterpart in the teacher; its embeddings start
+# as the teacher's, sliced to the residual dimensions narrow_hidden would keep.
+# A narrower student gets the output projection of a `hidden` student, starting
+# as the transpose of that slice.
+
+CONFIG_FIELD = "stages.distill.student.config"
+# Keys a saved config.json carries about itself, not about the architecture.
+_BOOKKEEPING = ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "model_type")
+_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
+
+
+def student_config_problem(fields: dict) -> str | None:
+    """What is wrong with a student config's fields on their own, or None.
+    Light (no torch): the recipe runs it; checks against the teacher are in config_student."""
+    for name in _SIZES:
+        value = fields.get(name)
+        if name in fields and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return f"{name} must be an integer >= 1, got {value!r}"
+    hidden, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
+    if hidden is not None and heads is not None and hidden % heads:
+        return (f"hidden_size {hidden} is not divisible by num_attention_heads {heads}; pick a multiple of "
+                f"{heads} (e.g. {heads * max(1, round(hidden / heads))}) or another head count")
+    return None
+
+
+def student_config_fields(config: dict | str) -> dict:
+    """The fields of student.config: the mapping itself, or the JSON of the config.json it names
+    (a directory means its config.json)."""
+    if isinstance(config, dict):
+        fields = dict(config)
+    else:
+        path = Path(config).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise RecipeError(f"{CONFIG_FIELD}: {path} does not exist; give the path of a config.json "
+                              "or a mapping of config fields")
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"{CONFIG_FIELD}: cannot read {path} as JSON ({exc}); fix the file") from None
+        if not isinstance(fields, dict):
+            raise RecipeError(f"{CONFIG_FIELD}: {path} holds a JSON {type(fields).__name__}, not an object of "
+                              "config fields; save the config with config.save_pretrained()")
+    problem = student_config_problem(fields)
+    if problem:
+        raise RecipeError(f"{CONFIG_FIELD}: {problem}")
+    return fields
+
+
+def config_student(teacher, config: dict | str, max_length: int, seed: int = 0):
+    """(student, names of the tensors initialised from the teacher): a model of
+    the teacher's type built from `config` (see the section comment)."""
+    import torch
+    from transformers import AutoModel
+
+    fields = student_config_fields(config)
+    base = teacher.config.to_dict()
+    kind = teacher.config.model_type
+    if fields.get("model_type", kind) != kind:
+        raise RecipeError(f"{CONFIG_FIELD}.model_type: {fields['model_type']!r} differs from the teacher's "
+                          f"{kind!r}; the student is a model of the teacher's type: drop model_type")
+    unknown = sorted(k for k in fields if k not in base and k not in _BOOKKEEPING)
+    if unknown:
+        raise RecipeError(f"{CONFIG_FIELD}: unknown field {unknown[0]!r} for a {kind} config; check the spelling "
+                          f"(e.g. {', '.join(_SIZES)})")
+    merged = {**base, **{k: v for k, v in fields.items() if k not in _BOOKKEEPING}}
+    problem = student_config_problem(merged)
+    if problem:
+        raise RecipeError(f"{CONFIG_FIELD}: {problem}")
+    width, hidden = teacher.config.hidden_size, merged["hidden_size"]
+    if hidden > width:
+        raise RecipeError(f"{CONFIG_FIELD}.hidden_size: {hidden} is wider than the teacher's {width}; "
+                          f"give at most {width}")
+    if merged["vocab_size"] != teacher.config.vocab_size:
+        raise RecipeError(f"{CONFIG_FIELD}.vocab_size: {merged['vocab_size']}, but the student reads the "
+                          f"teacher's tokenizer ({teacher.config.vocab_size} tokens); drop vocab_size")
+    positions = merged.get("max_position_embeddings")
+    if positions is not None and positions < max_length:
+        raise RecipeError(f"{CONFIG_FIELD}.max_position_embeddings: {positions} is below the {max_length} tokens "
+                          "inputs are truncated to; raise it, or lower teacher.max_length and distill max_length")
+
+    torch.manual_seed(seed)
+    student = AutoModel.from_config(type(teacher.config).from_dict(merged), attn_implementation="eager")
+    dims = _top(residual_scores(teacher), hidden)
+    copied = teacher_embeddings(student, teacher, dims)
+    if hidden < width:
+        attach_projection(student, selection_projection(dims, width))
+    return student.eval(), copied
+
+
+def teacher_embeddings(student, teacher, dims: list[int]) -> list[str]:
+    """Copy the teacher's embeddings (word, position, token type and their
+    LayerNorm) into `student`'s at residual dimensions `dims`; of the position
+    and token-type tables, the rows both have (the rest keep their init).
+    Returns the names of the tensors written."""
+    import torch
+
+    r = torch.tensor(dims)
+    width = teacher.config.hidden_size
+    source = dict(teacher.embeddings.named_parameters())
+    copied = []
+    with torch.no_grad():
+        for name, param in student.embeddings.named_parameters():
+            t = source.get(name)
+            if t is None:
+                continue
+            if name.endswith("_embeddings.weight") and t.shape[1] == width:
+                rows = min(t.shape[0], param.shape[0])
+                param[:rows] = t[:rows][:, r]
+            elif t.ndim == 1 and t.shape[0] == width:
+                param.copy_(t[r])
+            else:
+                continue
+            copied.append(f"embeddings.{name}")
+    return copied
+
+
+def evenly_spaced_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """The teacher layer each student layer learns: evenly spaced, the last
+    student layer on the teacher's last (as every_other_layer does for half the depth)."""
+    return [((i + 1) * teacher_layers + student_layers - 1) // student_layers - 1 for i in range(student_layers)]
+
+
+def config_layers(layers: list[int] | None, student_layers: int, teacher_layers: int) -> list[int]:
+    """The teacher layer each layer of a config student learns."""
+    default = evenly_spaced_layers(teacher_layers, student_layers)
+    if layers is None:
+        return default
+    if len(layers) != student_layers:
+        raise RecipeError(f"stages.distill.student.layers: {len(layers)} teacher layers for a student.config of "
+                          f"num_hidden_layers {student_layers}; give one per student layer, e.g. {default}")
+    bad = [i for i in layers if not 0 <= i < teacher_layers]
+    if bad:
+        raise RecipeError(f"stages.distill.student.layers {layers}: {bad[0]} is not a teacher layer index in "
+                          f"0..{teacher_layers - 1}; pick e.g. {default}")
+    return list(layers)

@@ -197,6 +197,11 @@ def preflight(recipe: Recipe, targets: list[str]):
         cfg = configured.get(name) or _default_target_config(name)
         mod.check(cfg, precision)
         modules[name] = (mod, cfg)
+    student_config = next((getattr(getattr(c, "student", None), "config", None) for n, c in plan if n == "distill"), None)
+    if isinstance(student_config, str):  # a config.json: there, readable, sane
+        from compress.models import student_config_fields
+
+        student_config_fields(student_config)
     if recipe.task == "image-classification":
         from compress import vision
 
@@ -372,8 +377,13 @@ class Builder:
         """What a stage reads besides its input artifact, for its cache key."""
         if name == "distill" and "train_labels" in self.inputs.digests:  # and their labels (classification)
             return {"train": self.inputs.digests["train"], "train_labels": self.inputs.digests["train_labels"]}
-        if name == "distill":  # reads the train inputs; its input artifact is the teacher
-            return {"train": self.inputs.digests["train"]}
+        if name == "distill":  # reads the train inputs (and a student.config file); its input artifact is the teacher
+            extra = {"train": self.inputs.digests["train"]}
+            config = getattr(getattr(cfg, "student", None), "config", None)
+            if isinstance(config, str):
+                from compress.models import student_config_fields
+                extra["student_config"] = student_config_fields(config)
+            return extra
         if name == "prune":  # reads the train inputs and the teacher beside its input
             return {"train": self.inputs.digests["train"], "teacher": self.teacher.digest}
         if name == "quantize" and cfg.dtype == "int8" and cfg.fallback.enabled:

@@ -47,15 +47,43 @@ class DataConfig(Frozen):
 
 
 class StudentConfig(Frozen):
-    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last); image-classification: teacher MBConv blocks kept (default: every block that changes shape and every other residual block)")
+    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last); with config: the teacher layer each student layer learns, one per student layer (default: evenly spaced, ending with the last); image-classification: teacher MBConv blocks kept (default: every block that changes shape and every other residual block)")
     ffn: float = Field(0.35, ge=0, lt=1, description="Share of FFN neurons removed from every kept layer before training (Taylor-ranked)")
     heads: float = Field(0.0, ge=0, lt=1, description="Share of attention heads removed from every kept layer before training")
     hidden: int | None = Field(None, ge=1, description="task embedding: the student's hidden (residual stream) width, a multiple of the teacher's head size below its hidden size (default: the teacher's). Kept dimensions and whole heads are chosen by weight magnitude and sliced from the teacher; a learned Linear(hidden -> teacher hidden) on the pooled output keeps embeddings in the teacher's space and is exported with the model")
     channels: float = Field(0.5, ge=0, lt=1, description="image-classification: share of the expanded channels of every kept MBConv block, and of the head's channels, removed before training (smallest |BN scale| x L1 weight norm first); block outputs keep the teacher's widths")
+    config: dict[str, Any] | str | None = Field(None, description="task embedding: the student given as a Hugging Face config instead of derived: a mapping of fields overriding the teacher's config (e.g. {num_hidden_layers: 4, hidden_size: 256, num_attention_heads: 4, intermediate_size: 1024}) or the path of a config.json; a model of the teacher's type, randomly initialised except its embeddings (the teacher's, at the residual dimensions student.hidden would keep). Not with hidden, heads or ffn; layers, if given, has one teacher layer per student layer (default: evenly spaced, ending with the last). A narrower student gets the output projection as with hidden")
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def config_fields(cls, value: Any) -> Any:
+        from compress.models import student_config_problem
+
+        if value is not None and not isinstance(value, (str, dict)) \
+                or isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+            raise ValueError(f"must be a mapping of Hugging Face config fields (e.g. {{hidden_size: 256}}) or the "
+                             f"path of a config.json, got {value!r}")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is an empty path; give a config.json path or a mapping of config fields")
+        if isinstance(value, dict):
+            problem = student_config_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def one_way(self) -> "StudentConfig":
+        # ffn is compared with its default (and 0, no narrowing), not model_fields_set:
+        # a report's recipe spells out every field.
+        if self.config is not None and (self.hidden is not None or self.heads > 0
+                                        or self.ffn not in (0.0, type(self).model_fields["ffn"].default)):
+            raise ValueError("config gives the student's shape itself; drop hidden, heads and ffn (they narrow a "
+                             "student derived from the teacher), or drop config: pick one way")
+        return self
 
 
 class DistillConfig(Frozen):
-    student: StudentConfig = Field(StudentConfig(), description="How the student is derived from the teacher")
+    student: StudentConfig = Field(StudentConfig(), description="How the student is derived from the teacher, or given as a config (student.config)")
     losses: list[Literal["feature", "attention", "logit", "self"]] = Field(["feature"], min_length=1, description="Distillation losses: feature (pooled embedding + hidden states, relative MSE + cosine), attention (MiniLM-v2 self-attention relations of the last layer, KL), logit (classification: Hinton's KL of temperature-softened class distributions, times T^2), self (self-distillation, see self_mode; with feature and/or attention, which bring the teacher)")
     self_mode: Literal["born-again", "deep-to-shallow"] = Field("born-again", description="self: born-again (after the first generation, each generation starts from a trained copy of the student and learns from the teacher and from that frozen copy) or deep-to-shallow (every shallower layer's mean-pooled state learns the student's own final embedding)")
     generations: int | None = Field(None, ge=1, le=8, description="self, born-again: student generations trained one after the other (default 2; 1 = plain distillation)")
@@ -114,6 +142,9 @@ class LmDistillConfig(Frozen):
     def no_student_block(cls, value: Any) -> Any:
         if isinstance(value, dict) and isinstance(value.get("student"), dict) and "hidden" in value["student"]:
             raise ValueError("student.hidden: a narrower hidden width is implemented for task embedding only; "
+                             "drop it (layers picks fewer teacher blocks)")
+        if isinstance(value, dict) and isinstance(value.get("student"), dict) and "config" in value["student"]:
+            raise ValueError("student.config: a student given as a config is implemented for task embedding only; "
                              "drop it (layers picks fewer teacher blocks)")
         if isinstance(value, dict) and "student" in value:
             raise ValueError("task causal-lm picks the student's blocks with layers: [teacher block indices], "

@@ -69,6 +69,10 @@ def check_recipe(recipe) -> None:
     if distill is not None and recipe.task != "embedding" and distill.student.hidden is not None:
         raise RecipeError(f"stages.distill.student.hidden: a narrower hidden width is implemented for task embedding "
                           f"only, not {recipe.task}; drop hidden (student.ffn and student.heads narrow the student)")
+    if distill is not None and recipe.task != "embedding" and distill.student.config is not None:
+        raise RecipeError(f"stages.distill.student.config: a student given as a config is implemented for task "
+                          f"embedding only, not {recipe.task}; drop config (student.layers, ffn and heads derive the "
+                          "student from the teacher)")
     if distill is not None and distill.student.channels != _default("channels"):
         raise RecipeError("stages.distill.student.channels: narrows CNN blocks (task image-classification); "
                           "use student.ffn and student.heads for a transformer")
@@ -183,6 +187,9 @@ def check_image_recipe(recipe, distill) -> None:
         student = distill.student
         if student.hidden is not None:
             raise RecipeError("stages.distill.student.hidden: a narrower hidden width is implemented for task "
+                              "embedding only; for a CNN use student.layers and student.channels")
+        if student.config is not None:
+            raise RecipeError("stages.distill.student.config: a student given as a config is implemented for task "
                               "embedding only; for a CNN use student.layers and student.channels")
         if student.heads or student.ffn != _default("ffn"):
             raise RecipeError("stages.distill.student: heads and ffn narrow transformers; for a CNN use "

@@ -359,3 +359,147 @@ def test_a_narrowed_student_is_not_a_teacher(hidden_distilled, tmp_path):
 
     with pytest.raises(RecipeError, match="is a student with an output projection"):
         distill(teacher_artifact(hidden_distilled.path), DistillConfig(max_steps=1), context(tmp_path, make_texts(10)))
+
+
+# --- a student given as a config ----------------------------------------------
+
+SMALL = {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module")
+def config_distilled(tiny_teacher, tmp_path_factory):
+    cfg = DistillConfig(student=StudentConfig(config=SMALL), epochs=3, batch_size=16, max_length=32, lr=1e-3)
+    return distill(teacher_artifact(tiny_teacher), cfg, context(tmp_path_factory.mktemp("config"), make_texts(320)))
+
+
+def _config_raw(teacher_dir, out, config):
+    """The undistilled config student: random layers, the teacher's embeddings, projection at its initial slice."""
+    from compress.models import config_student, save_projection
+
+    student, _ = config_student(load_hf_encoder(teacher_dir), config, max_length=64)
+    student.save_pretrained(out)
+    save_projection(student, out)
+    for f in TOKENIZER_FILES:
+        (out / f).write_bytes((teacher_dir / f).read_bytes())
+    return out
+
+
+def test_config_student_distills_towards_the_teacher(config_distilled, tiny_teacher, tmp_path):
+    """2 layers of hidden 16 (the teacher: 4 of 32): the loss falls, embeddings come
+    out at the teacher's width, and held-out fidelity beats the undistilled config student."""
+    from compress.models import PROJECTION_FILE, projection_of, selection_projection
+    from compress.prune import PLAN_FILE
+
+    art = config_distilled
+    assert art.meta["layers"] == [1, 3] and art.meta["num_layers"] == 2
+    assert art.meta["structure"] == {"hidden": 16, "heads": [2, 2], "ffn": [32, 32]}
+    assert art.meta["student_config"]["source"] == "recipe"
+    assert "embeddings.word_embeddings.weight" in art.meta["student_config"]["from_teacher"]
+    assert art.meta["loss_last"] < art.meta["loss_first"]
+    assert art.meta["losses"]["hidden"]["last"] < art.meta["losses"]["hidden"]["first"]  # through the lifts
+    assert (art.path / PROJECTION_FILE).is_file() and not (art.path / PLAN_FILE).exists()
+    model = load_hf_encoder(art.path)
+    proj = projection_of(model)
+    assert proj.out_features == 32 and not torch_equal(proj.weight, selection_projection(proj.dims, 32).weight)
+    assert art.meta["params"] == model.num_parameters() + 16 * 32 + 32
+    held = make_texts(60, seed=99)
+    teacher = TorchEncoder(tiny_teacher, 64).embed(held)
+    trained = TorchEncoder(art.path, 64).embed(held)
+    untrained = TorchEncoder(_config_raw(tiny_teacher, tmp_path / "raw", SMALL), 64).embed(held)
+    assert trained.shape == teacher.shape == (60, 32)
+    # measured: 0.96 against 0.81
+    assert fidelity(trained, teacher)["cosine"] > fidelity(untrained, teacher)["cosine"] + 0.05
+
+
+def test_config_student_reloads(config_distilled, tmp_path):
+    """A standard checkpoint of its config (from_pretrained), plus the projection files."""
+    from transformers import AutoModel
+
+    from compress.models import make_sentence_encoder
+
+    import torch
+
+    plain = AutoModel.from_pretrained(str(config_distilled.path))
+    assert (plain.config.hidden_size, plain.config.num_hidden_layers, plain.config.intermediate_size) == (16, 2, 32)
+    a, b = load_hf_encoder(config_distilled.path), load_hf_encoder(config_distilled.path)
+    ids = torch.randint(1000, 30000, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        x, y = make_sentence_encoder(a)(ids, mask), make_sentence_encoder(b)(ids, mask)
+    assert x.shape == (2, 32) and torch.equal(x, y)
+    from compress.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="is a student with an output projection"):
+        distill(teacher_artifact(config_distilled.path), DistillConfig(max_steps=1),
+                context(tmp_path, make_texts(10)))
+
+
+def test_config_student_lifts_start_at_the_embedding_slice(tiny_teacher):
+    from compress.distill import state_lifts
+    from compress.models import config_student, projection_of
+
+    student, _ = config_student(load_hf_encoder(tiny_teacher), SMALL, max_length=64)
+    lifts = state_lifts(student, 2)
+    assert len(lifts) == 2 and all(l.dims == projection_of(student).dims for l in lifts)
+
+
+def test_same_width_config_student_needs_no_projection(tiny_teacher, tmp_path):
+    from compress.models import PROJECTION_FILE, projection_of
+
+    cfg = DistillConfig(student=StudentConfig(config={"num_hidden_layers": 1, "intermediate_size": 32}, layers=[2]),
+                        max_steps=60, batch_size=16, max_length=32, lr=1e-3)
+    art = distill(teacher_artifact(tiny_teacher), cfg, context(tmp_path, make_texts(160)))
+    assert art.meta["layers"] == [2] and art.meta["structure"] == {"hidden": 32, "heads": [2], "ffn": [32]}
+    assert art.meta["loss_last"] < art.meta["loss_first"]
+    assert not (art.path / PROJECTION_FILE).exists() and projection_of(load_hf_encoder(art.path)) is None
+    assert TorchEncoder(art.path, 64).embed(make_texts(3, seed=5)).shape == (3, 32)
+
+
+def test_config_student_from_a_file(tiny_teacher, tmp_path):
+    import json
+
+    (tmp_path / "student.json").write_text(json.dumps({**SMALL, "num_hidden_layers": 3}))
+    cfg = DistillConfig(student=StudentConfig(config=str(tmp_path / "student.json")), max_steps=2, batch_size=16,
+                        max_length=32)
+    art = distill(teacher_artifact(tiny_teacher), cfg, context(tmp_path / "d", make_texts(40)))
+    assert art.meta["layers"] == [1, 2, 3] and art.meta["student_config"]["source"] == str(tmp_path / "student.json")
+    assert load_hf_encoder(art.path).config.num_hidden_layers == 3
+
+
+def test_config_student_errors_at_the_stage(tiny_teacher, tmp_path):
+    from compress.errors import RecipeError
+
+    src = teacher_artifact(tiny_teacher)
+    with pytest.raises(RecipeError, match=r"student\.layers: 3 teacher layers for a student\.config of "
+                                          r"num_hidden_layers 2"):
+        distill(src, DistillConfig(student=StudentConfig(config=SMALL, layers=[0, 1, 3]), max_steps=1),
+                context(tmp_path / "a", make_texts(10)))
+    # each field alone is fine; with the teacher's other one they do not fit
+    with pytest.raises(RecipeError, match=r"hidden_size 32 is not divisible by num_attention_heads 5"):
+        distill(src, DistillConfig(student=StudentConfig(config={"num_attention_heads": 5}), max_steps=1),
+                context(tmp_path / "b", make_texts(10)))
+    with pytest.raises(RecipeError, match=r"hidden_size 17 is not divisible by num_attention_heads 2"):
+        distill(src, DistillConfig(student=StudentConfig(config={"hidden_size": 17}), max_steps=1),
+                context(tmp_path / "c", make_texts(10)))
+    bad = type(src)(path=src.path, kind=src.kind, digest=src.digest, meta={"task": "classification"})
+    with pytest.raises(RecipeError, match="config is implemented for task embedding only, not classification"):
+        distill(bad, DistillConfig(student=StudentConfig(config=SMALL), max_steps=1),
+                context(tmp_path / "d", make_texts(10)))
+
+
+def test_config_student_then_prune_reloads(tiny_teacher, tmp_path):
+    from compress.models import projection_of
+    from compress.prune import prune, structure
+    from compress.recipe import PruneConfig
+
+    src = teacher_artifact(tiny_teacher)
+    student = distill(src, DistillConfig(student=StudentConfig(config=SMALL), max_steps=2, batch_size=16,
+                                         max_length=32), context(tmp_path / "d", make_texts(60)))
+    ctx = context(tmp_path / "p", make_texts(60))
+    ctx.teacher = src
+    art = prune(student, PruneConfig(ffn=0.5, heads=0.5, recover_steps=4, batch_size=16, max_length=32), ctx)
+    model = load_hf_encoder(art.path)
+    assert structure(model) == {"hidden": 16, "heads": [1, 1], "ffn": [16, 16]}
+    assert projection_of(model) is not None and projection_of(model).out_features == 32
+    assert TorchEncoder(art.path, 64).embed(make_texts(3, seed=5)).shape == (3, 32)

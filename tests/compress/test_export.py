@@ -72,11 +72,50 @@ def test_narrower_student_exports_teacher_width_embeddings(tiny_teacher, tmp_pat
     assert art.meta["validation"]["random"]["max_abs_diff"] < 1e-4
     model = onnx.load(str(art.model_file))
     onnx.checker.check_model(model, full_check=True)
-    assert sum(sorted(t.dims) == [16, 32] for t in model.graph.initializer) == 1  # the projection's weight
+    from onnx import numpy_helper
+
+    from compress.models import projection_of
+
+    torch_model = load_hf_encoder(student.path)
+    proj = projection_of(torch_model).weight.detach().numpy()  # [32, 16]
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    assert sum(w.shape in (proj.shape, proj.T.shape) and np.allclose(w.reshape(-1), (proj if w.shape == proj.shape
+               else proj.T).reshape(-1)) for w in weights) == 1  # the projection is in the graph
     ids, mask = random_inputs(30522, batch=3, seq=11, seed=4)
     got = ort.InferenceSession(str(art.model_file), providers=["CPUExecutionProvider"]).run(
         None, {"input_ids": ids, "attention_mask": mask})[0]
     with torch.inference_mode():
-        want = make_sentence_encoder(load_hf_encoder(student.path)).eval()(torch.from_numpy(ids),
-                                                                           torch.from_numpy(mask)).numpy()
+        want = make_sentence_encoder(torch_model).eval()(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    assert got.shape == (3, 32) and np.abs(got - want).max() < 1e-4
+
+
+def test_config_student_exports_teacher_width_embeddings(tiny_teacher, tmp_path):
+    """A student given as a config (2 layers of hidden 16, 2 heads, FFN 32): its
+    ONNX embedding has the teacher's 32 dims and matches torch."""
+    from compress.distill import distill
+    from compress.recipe import DistillConfig, StudentConfig
+
+    cfg = DistillConfig(student=StudentConfig(config={"num_hidden_layers": 2, "hidden_size": 16,
+                                                      "num_attention_heads": 2, "intermediate_size": 32}),
+                        max_steps=4, batch_size=16, max_length=32)
+    student = distill(teacher_artifact(tiny_teacher), cfg, context(tmp_path / "s", make_texts(60)))
+    art = export(student, ExportConfig(), context(tmp_path / "e", make_texts(40)))
+    assert art.meta["outputs"]["sentence_embedding"] == ["batch", 32]
+    assert art.meta["hidden_size"] == 16 and art.meta["num_heads"] == 2
+    model = onnx.load(str(art.model_file))
+    onnx.checker.check_model(model, full_check=True)
+    from onnx import numpy_helper
+
+    from compress.models import projection_of
+
+    torch_model = load_hf_encoder(student.path)
+    proj = projection_of(torch_model).weight.detach().numpy()  # [32, 16]
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    assert sum(w.shape in (proj.shape, proj.T.shape) and np.allclose(w.reshape(-1), (proj if w.shape == proj.shape
+               else proj.T).reshape(-1)) for w in weights) == 1  # the projection is in the graph
+    ids, mask = random_inputs(30522, batch=3, seq=11, seed=4)
+    got = ort.InferenceSession(str(art.model_file), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.inference_mode():
+        want = make_sentence_encoder(torch_model).eval()(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     assert got.shape == (3, 32) and np.abs(got - want).max() < 1e-4

@@ -100,3 +100,111 @@ def test_bad_hidden_is_one_line(teacher, hidden, message):
     with pytest.raises(RecipeError, match=message) as exc:
         narrow_hidden(derive_student(teacher, [1, 3]), hidden)
     assert "\n" not in str(exc.value) and "student.hidden" in str(exc.value)
+
+
+# --- a student given as a config ----------------------------------------------
+
+SMALL = {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+
+
+def test_config_student_shapes_and_teacher_embeddings(teacher):
+    from compress.models import config_student, residual_scores, selection_projection
+
+    student, copied = config_student(teacher, SMALL, max_length=64)
+    cfg = student.config
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.intermediate_size) \
+        == ("bert", 16, 2, 2, 32)
+    assert student.encoder.layer[1].attention.self.query.weight.shape == (16, 16)
+    assert student.encoder.layer[0].intermediate.dense.weight.shape == (32, 16)
+    # the embeddings are the teacher's at the residual dimensions narrow_hidden would keep
+    dims = sorted(sorted(range(32), key=lambda i: -float(residual_scores(teacher)[i]))[:16])
+    r = torch.tensor(dims)
+    assert copied == ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+                      "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight",
+                      "embeddings.LayerNorm.bias"]
+    assert torch.equal(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight[:, r])
+    assert torch.equal(student.embeddings.LayerNorm.weight, teacher.embeddings.LayerNorm.weight[r])
+    # the output projection starts as the transpose of that slice
+    proj = projection_of(student)
+    assert proj.dims == dims and proj.out_features == 32
+    assert torch.equal(proj.weight, selection_projection(dims, 32).weight)
+    # the layers are Hugging Face's random init, reproducible by seed
+    again, _ = config_student(teacher, SMALL, max_length=64)
+    other, _ = config_student(teacher, SMALL, max_length=64, seed=1)
+    w = student.encoder.layer[0].attention.self.query.weight
+    assert torch.equal(w, again.encoder.layer[0].attention.self.query.weight)
+    assert not torch.equal(w, other.encoder.layer[0].attention.self.query.weight)
+
+
+def test_config_student_of_the_teachers_width_has_no_projection(teacher):
+    from compress.models import config_student
+
+    student, _ = config_student(teacher, {"num_hidden_layers": 1, "intermediate_size": 16,
+                                          "max_position_embeddings": 64}, max_length=64)
+    assert projection_of(student) is None and student.config.hidden_size == 32
+    assert torch.equal(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
+    # position rows both tables have are the teacher's
+    assert student.embeddings.position_embeddings.weight.shape == (64, 32)
+    assert torch.equal(student.embeddings.position_embeddings.weight, teacher.embeddings.position_embeddings.weight[:64])
+    enc = make_sentence_encoder(student).eval()
+    with torch.inference_mode():
+        assert enc(torch.randint(1000, 30000, (2, 9)), torch.ones(2, 9, dtype=torch.long)).shape == (2, 32)
+
+
+def test_config_student_from_a_config_json(teacher, tmp_path):
+    from transformers import BertConfig
+
+    from compress.models import config_student
+
+    BertConfig(vocab_size=30522, max_position_embeddings=128, **SMALL).to_json_file(tmp_path / "config.json")
+    a, _ = config_student(teacher, str(tmp_path / "config.json"), max_length=64)
+    b, _ = config_student(teacher, str(tmp_path), max_length=64)  # a directory: its config.json
+    c, _ = config_student(teacher, SMALL, max_length=64)
+    for x in (a, b):
+        assert x.config.hidden_size == 16 and x.config.num_hidden_layers == 2
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), c.state_dict().values()))
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"model_type": "gpt2"}, r"student\.config\.model_type: 'gpt2' differs from the teacher's 'bert'"),
+    ({"num_layers": 2}, r"student\.config: unknown field 'num_layers' for a bert config"),
+    ({"hidden_size": 15}, r"student\.config: hidden_size 15 is not divisible by num_attention_heads 2"),
+    ({"hidden_size": 64}, r"student\.config\.hidden_size: 64 is wider than the teacher's 32"),
+    ({"vocab_size": 1000}, r"student\.config\.vocab_size: 1000, but the student reads the teacher's tokenizer"),
+    ({"max_position_embeddings": 32}, r"student\.config\.max_position_embeddings: 32 is below the 64 tokens"),
+    ("does/not/exist.json", r"student\.config: does/not/exist\.json does not exist"),
+])
+def test_bad_student_config_is_one_line(teacher, config, message):
+    from compress.models import config_student
+
+    with pytest.raises(RecipeError, match=message) as exc:
+        config_student(teacher, config, max_length=64)
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_config_json_is_one_line(teacher, tmp_path):
+    from transformers import DistilBertConfig
+
+    from compress.models import config_student
+
+    DistilBertConfig(dim=16, n_heads=2).to_json_file(tmp_path / "config.json")
+    with pytest.raises(RecipeError, match="model_type: 'distilbert' differs from the teacher's 'bert'"):
+        config_student(teacher, str(tmp_path / "config.json"), max_length=64)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(RecipeError, match="cannot read .*config.json as JSON"):
+        config_student(teacher, str(tmp_path), max_length=64)
+
+
+def test_config_layers():
+    from compress.models import config_layers, evenly_spaced_layers
+
+    assert evenly_spaced_layers(4, 2) == [1, 3]
+    assert evenly_spaced_layers(12, 4) == [2, 5, 8, 11]
+    assert evenly_spaced_layers(6, 4) == [1, 2, 4, 5]
+    assert evenly_spaced_layers(4, 1) == [3]
+    assert config_layers(None, 2, 4) == [1, 3] and config_layers([0, 2], 2, 4) == [0, 2]
+    with pytest.raises(RecipeError, match=r"student\.layers: 3 teacher layers for a student\.config of "
+                                          r"num_hidden_layers 2; give one per student layer, e\.g\. \[1, 3\]"):
+        config_layers([0, 1, 3], 2, 4)
+    with pytest.raises(RecipeError, match=r"7 is not a teacher layer index in 0\.\.3"):
+        config_layers([0, 7], 2, 4)

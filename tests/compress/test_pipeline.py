@@ -308,3 +308,50 @@ def test_build_with_a_narrower_hidden_width(tiny_project, tiny_teacher, tmp_path
     assert rep["stages"][2]["meta"]["outputs"]["sentence_embedding"] == ["batch", 32]
     assert rep["final"]["params"] < 0.6 * rep["teacher"]["params"]
     assert rep["summary"]["fidelity"]["cosine"] > 0.5  # cosine to the teacher, at its width; measured 0.82
+
+
+def test_distill_key_follows_the_student_config_file(tmp_path):
+    """student.config as a path: the file's fields are part of distill's cache key, so editing it re-runs distill."""
+    from compress.pipeline import Builder, BuildOptions, Inputs
+    from compress.recipe import parse
+
+    path = tmp_path / "student.json"
+    r = parse({"stages": [{"distill": {"student": {"config": str(path)}}}]})
+    b = Builder(r, BuildOptions(targets=["cpu"]))
+    b.inputs = Inputs([], [], [], digests={"calibration": "c", "train": "t", "heldout": "h"})
+    cfg = r.stage_plan()[0][1]
+    extras = []
+    for hidden in (16, 8):
+        path.write_text(json.dumps({"hidden_size": hidden, "num_attention_heads": 2}))
+        extras.append(b.stage_extra("distill", cfg))
+    assert extras[0]["student_config"] == {"hidden_size": 16, "num_attention_heads": 2}
+    assert extras[0] != extras[1] and extras[0]["train"] == extras[1]["train"] == "t"
+
+
+def test_build_with_a_config_student(tiny_project, tiny_teacher, tmp_path):
+    """student.config as a config.json beside the recipe: the build distils a
+    2-layer, hidden-16 student, exports teacher-width embeddings and records how
+    the student was made; a missing file is one line before any work."""
+    d = tmp_path / "c"
+    d.mkdir()
+    for name in ("train.txt", "pairs.jsonl"):
+        shutil.copyfile(tiny_project / name, d / name)
+    (d / "student.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2,
+                                                "intermediate_size": 32}))
+    recipe = tiny_recipe(tiny_teacher, quantize="{mode: dynamic}",
+                         distill="{student: {config: student.json}, epochs: 1, batch_size: 16, max_length: 32}")
+    (d / "compress.yaml").write_text(recipe)
+    res = build(d)
+    assert res.returncode == 0, res.stderr
+    rep = report(d)
+    meta = rep["stages"][0]["meta"]
+    assert meta["structure"] == {"hidden": 16, "heads": [2, 2], "ffn": [32, 32]} and meta["layers"] == [1, 3]
+    assert meta["student_config"]["source"] == "student.json"
+    assert rep["stages"][1]["meta"]["outputs"]["sentence_embedding"] == ["batch", 32]
+    assert rep["final"]["params"] < 0.6 * rep["teacher"]["params"]
+
+    (d / "compress.yaml").write_text(recipe.replace("config: student.json", "config: missing.json"))
+    res = build(d, out="missing")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
+    assert "stages.distill.student.config: missing.json does not exist" in res.stderr
+    assert not (d / "missing").exists()

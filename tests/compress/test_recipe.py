@@ -99,3 +99,47 @@ def test_a_full_recipe_dump_parses_back():
                  {"stages": [{"distill": {"losses": ["feature", "self"], "generations": 3}}]}):
         r = parse(data)
         assert parse(r.model_dump(mode="json", exclude_none=True)) == r  # as report.json stores it
+@pytest.mark.parametrize("student,pattern", [
+    ({"config": {"hidden_size": 16}, "hidden": 16}, r"stages\[0\]\.distill\.student: config gives the student's shape"
+                                                    r" itself; drop hidden, heads and ffn .*pick one way"),
+    ({"config": {"hidden_size": 16}, "heads": 0.5}, r"drop hidden, heads and ffn"),
+    ({"config": {"hidden_size": 16}, "ffn": 0.5}, r"drop hidden, heads and ffn"),
+    ({"config": {"hidden_size": 30, "num_attention_heads": 4}},
+     r"student\.config: hidden_size 30 is not divisible by num_attention_heads 4; pick a multiple of 4"),
+    ({"config": {"num_hidden_layers": 0}}, r"student\.config: num_hidden_layers must be an integer >= 1, got 0"),
+    ({"config": [16]}, r"student\.config: must be a mapping of Hugging Face config fields .* or the path of a config"),
+    ({"config": ""}, r"student\.config: is an empty path"),
+])
+def test_student_config_errors(student, pattern):
+    with pytest.raises(RecipeError, match=pattern) as info:
+        recipe.parse({"stages": [{"distill": {"student": student}}]})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("data", [
+    {"task": "classification", "teacher": {"source": "example:minilm-polarity"},
+     "data": {"eval": [{"source": "example:polarity-test"}]}, "stages": [{"distill": {"student": {"config": {}}}}]},
+    {"task": "image-classification", "teacher": {"source": "example:efficientnet-lite0-fashion"},
+     "data": {"train": {"source": "example:fashion-mnist-train"}, "eval": [{"source": "example:fashion-mnist-test"}]},
+     "stages": [{"distill": {"student": {"config": {"hidden_size": 16}}}}]},
+    {"task": "causal-lm", "teacher": {"source": "hf:lm"}, "stages": [{"distill": {"student": {"config": {}}}}]},
+])
+def test_student_config_is_embedding_only(data):
+    with pytest.raises(RecipeError, match=r"student\.config: a student given as a config is implemented for task "
+                                          r"embedding only") as info:
+        recipe.parse(data)
+    assert "\n" not in str(info.value)
+
+
+def test_student_config_parses_and_is_in_the_schema():
+    fields = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024}
+    r = recipe.parse({"stages": [{"distill": {"student": {"config": fields, "layers": [2, 5, 8, 11]}}}]})
+    assert r.stage_plan()[0][1].student.config == fields
+    # the defaults of ffn and heads (or ffn 0) are not a second way; a report's recipe spells them out
+    spelled = r.stage_plan()[0][1].student.model_dump(mode="json", exclude_none=True)  # as report.json keeps it
+    assert spelled["ffn"] == 0.35
+    again = recipe.parse({"stages": [{"distill": {"student": spelled}}]})
+    assert again.stage_plan()[0][1].student.config == fields
+    recipe.parse({"stages": [{"distill": {"student": {"config": "student/config.json", "ffn": 0}}}]})
+    props = recipe.schema()["$defs"]["StudentConfig"]["properties"]
+    assert "config" in props and "config.json" in props["config"]["description"]
