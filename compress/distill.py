@@ -424,14 +424,16 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
 
     from compress import prune as pruning
 
-    if cfg.student.hidden is not None and src.meta.get("task", "embedding") != "embedding":
+    task = src.meta.get("task", "embedding")
+    student_cfg = getattr(cfg, "student", None)  # causal-lm's LmDistillConfig has none
+    if task != "embedding" and student_cfg is not None and student_cfg.hidden is not None:
         from compress.errors import RecipeError
         raise RecipeError(f"stages.distill.student.hidden: a narrower hidden width is implemented for task embedding "
-                          f"only, not {src.meta.get('task')}; drop hidden (student.layers/ffn/heads still apply)")
-    if cfg.student.config is not None and src.meta.get("task", "embedding") != "embedding":
+                          f"only, not {task}; drop hidden (student.layers/ffn/heads still apply)")
+    if task != "embedding" and student_cfg is not None and student_cfg.config is not None:
         from compress.errors import RecipeError
         raise RecipeError(f"stages.distill.student.config: a student given as a config is implemented for task "
-                          f"embedding only, not {src.meta.get('task')}; drop config (student.layers/ffn/heads "
+                          f"embedding only, not {task}; drop config (student.layers/ffn/heads "
                           "derive the student from the teacher)")
     if src.meta.get("task") == "image-classification":  # a CNN on images
         from compress import vision
