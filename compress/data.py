@@ -17,7 +17,7 @@ from pathlib import Path
 
 from compress.errors import SourceError
 
-EXAMPLE_TEXT = ("corpus", "wiki", "lee-background", "polarity")
+EXAMPLE_TEXT = ("corpus", "wiki", "lee-background", "polarity", "words")
 EXAMPLE_EVAL = ("lee-similarity", "wordsim353", "simlex999")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
@@ -63,6 +63,16 @@ def _polarity() -> list[str]:
     return [re.sub(r"^__label__\w+\s+", "", line).strip() for line in lines if line.strip()]
 
 
+def corpus_words(texts, top: int = 6000, min_count: int = 3) -> tuple[str, ...]:
+    """The `top` most frequent lower-case words (3+ letters, seen `min_count`+
+    times) of `texts`, most frequent first: single-word inputs, which sentences
+    alone teach a small student poorly (word-similarity sets embed words alone)."""
+    from collections import Counter
+
+    counts = Counter(w for t in texts for w in re.findall(r"[a-z]+", t.lower()) if len(w) >= 3)
+    return tuple(w for w, n in counts.most_common() if n >= min_count)[:top]
+
+
 @lru_cache(maxsize=None)
 def example_texts(name: str) -> tuple[str, ...]:
     if name == "wiki":
@@ -73,6 +83,8 @@ def example_texts(name: str) -> tuple[str, ...]:
         return tuple(_polarity())
     if name == "corpus":
         return example_texts("wiki") + example_texts("lee-background") + example_texts("polarity")
+    if name == "words":
+        return corpus_words(example_texts("corpus"))
     raise SourceError(f"unknown example text source 'example:{name}' (known: "
                       + ", ".join(f"example:{n}" for n in EXAMPLE_TEXT) + ")")
 

@@ -78,3 +78,11 @@ def test_extra_train_is_appended_before_the_heldout_split(tiny_project, monkeypa
     assert set(b.train + b.heldout) - set(a.train + a.heldout) == set(extra[:150])
     assert set(a.train) <= set(b.train)  # the split is by hash: the first inputs stay where they were
     assert any(t in b.heldout for t in extra[:150]) and any(t in b.train for t in extra[:150])
+
+
+def test_corpus_words_are_the_frequent_words_most_frequent_first():
+    from compress.data import corpus_words
+
+    texts = ["The cat sat. The cat ran!", "A cat and THE dog", "the dog, the end", "ox ox ox"]
+    assert corpus_words(texts, top=10, min_count=2) == ("the", "cat", "dog")  # "ox" is too short, "and" too rare
+    assert corpus_words(texts, top=1, min_count=1) == ("the",)
