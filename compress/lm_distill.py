@@ -20,6 +20,12 @@ from them (`derive_student`; GPT-2 family `transformer.h`, Llama family
   generated positions only with the generalized JSD(`beta`) (0 forward KL,
   1 reverse KL). The other batches use the same divergence on the train texts.
 
+The teacher's logits on the train texts are computed once and stored as their
+top `teacher_topk` per position (compress/teacher_cache.py), so the train-text
+losses run no teacher forward after the first run (their `*_topk` variants
+compare the distributions over that set); only on-policy batches, on samples
+no cache can know, run the live teacher.
+
 Both can be listed; their losses add. Retention metrics are in compress/lm_eval.py;
 `export_causal_lm` writes the ONNX graph the targets run.
 """
@@ -176,17 +182,23 @@ def sample_continuations(model, prompts, max_new_tokens: int, temperature: float
 
 
 def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, progress=None,
-          desc: str = "distill") -> dict:
-    """Distil `student` (in place) towards `teacher` on `texts`; returns stats."""
+          desc: str = "distill", source=None) -> dict:
+    """Distil `student` (in place) towards `teacher` on `texts`; returns stats.
+
+    The teacher's logits on the train texts are computed once and kept as its
+    top `teacher_topk` per position (teacher_cache.obtain_topk): on disk under
+    `source.cache_root` when there is one, where later runs and rebuilds find
+    them, else in memory for this run. `teacher` may be None when `source.load`
+    can give it: it is then loaded only if the entry must be computed or
+    on-policy batches need it to score the student's own samples."""
     import torch
 
     from compress.distill import no_dropout, optimizer
-    from compress.losses import generalized_jsd, hard_label_ce, logit_kl
+    from compress.losses import generalized_jsd, generalized_jsd_topk, hard_label_ce, logit_kl_topk
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     no_dropout(student)
-    teacher.eval()
     pad_id = pad_id_of(tokenizer)
     eos_id = tokenizer.eos_token_id
     use_logit, use_policy = "logit" in cfg.losses, "on_policy" in cfg.losses
@@ -204,6 +216,13 @@ def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, p
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     total = cfg.max_steps or len(batches) * cfg.epochs
+
+    live = LiveTeacher(teacher, source, desc)
+    # the train-text batches (logit, and on_policy's off-policy share) read the teacher from the top-k entry
+    cached = None
+    if use_logit or (use_policy and cfg.lmbda < 1):
+        cached = teacher_topk(live, encoded, pad_id, min(cfg.teacher_topk, student.config.vocab_size), cfg,
+                              source, progress, desc)
 
     opt, sched = optimizer(student, total, cfg.lr, cfg.weight_decay, cfg.warmup)
     bar = progress(total=total, desc=desc) if progress else None
@@ -225,11 +244,10 @@ def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, p
             if use_logit or (use_policy and not on_policy):
                 ids, mask = _pad_right([encoded[i] for i in batches[b]], pad_id)
                 s_data = logits(student, ids, mask)
-                with torch.no_grad():
-                    t_data = logits(teacher, ids, mask)
+                t_data = cached.batch(batches[b], ids.shape[1])
             if use_logit:
                 # every real position has a teacher distribution to copy, the last one included
-                kd = logit_kl(s_data, t_data, cfg.temperature, mask)
+                kd = logit_kl_topk(s_data, t_data, cfg.temperature, mask)
                 parts["logit"] = kd.item()
                 loss = loss + kd
                 if cfg.hard_label_weight > 0:
@@ -247,13 +265,12 @@ def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, p
                 # the distributions the generated tokens were drawn from: positions start-1 .. end-1
                 start = batch_prompts.shape[1]
                 s_gen = logits(student, seqs, ones)[:, start - 1:-1]
-                with torch.no_grad():
-                    t_gen = logits(teacher, seqs, ones)[:, start - 1:-1]
+                t_gen = live.logits(seqs, ones)[:, start - 1:-1]
                 pol = generalized_jsd(s_gen, t_gen, cfg.beta, cfg.temperature, keep)
                 parts["on_policy"] = pol.item()
                 loss = loss + pol
             elif use_policy:
-                pol = generalized_jsd(s_data, t_data, cfg.beta, cfg.temperature, mask)
+                pol = generalized_jsd_topk(s_data, t_data, cfg.beta, cfg.temperature, mask)
                 parts["on_policy"] = pol.item()
                 loss = loss + pol
             opt.zero_grad(set_to_none=True)
@@ -274,8 +291,70 @@ def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, p
     tail = sum(history[-window:]) / window
     log.info("%s: %d steps (%d on-policy, %d generated tokens), loss %.4f -> %.4f",
              desc, step, on_policy_steps, generated, head, tail)
+    forwards = (cached.forwards if cached is not None else 0) + live.forwards
     return {"steps": step, "on_policy_steps": on_policy_steps, "generated_tokens": generated,
-            "loss_first": head, "loss_last": tail, "history": history}
+            "loss_first": head, "loss_last": tail, "history": history,
+            "teacher_forwards": forwards, "teacher_loaded": live.loaded,
+            "teacher_outputs": cached.stats() if cached is not None else None}
+
+
+class LiveTeacher:
+    """The teacher model for the forwards the cache cannot serve: the one given,
+    or loaded through source.load the first time it is needed (never, when
+    every teacher output comes from a cached entry). Counts the forwards of
+    `logits` (the on-policy batches)."""
+
+    def __init__(self, model, source, desc: str):
+        self.model, self.source, self.desc = model, source, desc
+        self.loaded = model is not None
+        self.forwards = 0
+        if model is not None:
+            model.eval()
+
+    def get(self):
+        from compress.errors import CacheError
+
+        if self.model is None:
+            load = getattr(self.source, "load", None)
+            if load is None:
+                raise CacheError(f"{self.desc}: the teacher is needed (its outputs are not cached under "
+                                 f"{getattr(self.source, 'cache_root', None)}, or on_policy scores samples) and no "
+                                 "teacher model or loader was given; pass the teacher to lm_distill.train()")
+            self.model = load().eval()
+            self.loaded = True
+        return self.model
+
+    def logits(self, ids, mask):
+        import torch
+
+        model = self.get()
+        self.forwards += 1
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def teacher_topk(live: LiveTeacher, encoded: list[list[int]], pad_id: int, k: int, cfg: LmDistillConfig, source,
+                 progress, desc: str):
+    """The teacher's top-k logits at every real position of the encoded train
+    texts (teacher_cache.TopK), keyed by the teacher, the token ids (texts,
+    tokenizer, max_length), k and max_length."""
+    from compress import teacher_cache
+
+    settings = {"task": "causal-lm", "logits": "top-k", "max_length": cfg.max_length, "dtype": "float16"}
+
+    def runner():
+        model = live.get()  # on a miss only: a cached entry never loads the teacher
+
+        def run(rows):
+            import torch
+
+            ids, mask = _pad_right(rows, pad_id)
+            with torch.no_grad():
+                return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+        return run
+
+    return teacher_cache.obtain_topk(source, encoded, settings, k, runner, progress, desc)
 
 
 def export_causal_lm(model, path: str | Path, opset: int = 17) -> Path:
@@ -316,13 +395,19 @@ def distill(src: Artifact, cfg: LmDistillConfig, ctx) -> Artifact:
     """Stage `distill` for task causal-lm (the embedding stage hands over here)."""
     from compress.encoders import load_tokenizer
     from compress.models import count_params, every_other_layer
+    from compress.teacher_cache import TeacherSource
 
     teacher = load_causal_lm(src.path)
     n = len(_get(teacher, blocks_path(teacher)))
     layers = cfg.layers or every_other_layer(n)
     student = derive_student(teacher, layers)
+    teacher_params = count_params(teacher)
+    # The student holds what it needs of the teacher; training reloads the
+    # teacher only if its logits are not cached yet or on_policy scores samples.
+    del teacher
     tokenizer = load_tokenizer(src.path)
-    stats = train(student, teacher, ctx.train_texts, tokenizer, cfg, ctx.progress)
+    source = TeacherSource(ctx.cache_root, src.digest, load=lambda: load_causal_lm(src.path))
+    stats = train(student, None, ctx.train_texts, tokenizer, cfg, ctx.progress, source=source)
     stats.pop("history")  # one value per step: the first and last windows are kept
     student.save_pretrained(str(ctx.out), safe_serialization=True)
     return seal(ctx.out, "torch", {
@@ -331,7 +416,7 @@ def distill(src: Artifact, cfg: LmDistillConfig, ctx) -> Artifact:
         "layers": layers,
         "num_layers": len(layers),
         "params": count_params(student),
-        "teacher_params": count_params(teacher),
+        "teacher_params": teacher_params,
         "losses": list(cfg.losses),
         **stats,
         "train_inputs": len(ctx.train_texts),

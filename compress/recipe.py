@@ -103,7 +103,7 @@ class DistillConfig(Frozen):
     temperature: float = Field(2.0, gt=0, description="logit: softmax temperature of teacher and student logits")
     alpha: float = Field(0.5, ge=0, le=1, description="logit: weight of the soft (teacher) loss; 1 - alpha goes to cross-entropy on the true labels, used only when the train inputs have labels")
     bf16: bool = Field(True, description="Train under bf16 autocast when the CPU supports it (about 3x faster here)")
-    teacher_topk: int = Field(64, ge=1, description="Language-model teachers (planned task causal-lm): logits kept per position in the teacher-output cache, as fp16 values + int32 token ids")
+    teacher_topk: int = Field(64, ge=1, description="Language-model teachers: logits kept per position in the teacher-output cache, as fp16 values + int32 token ids (task causal-lm reads its own stages.distill.teacher_topk)")
     seed: int = Field(0, description="Seed for initialisation order, shuffling and dropout")
 
     @field_validator("losses", mode="before")
@@ -128,6 +128,7 @@ class LmDistillConfig(Frozen):
     top_p: float = Field(1.0, gt=0, le=1, description="on_policy: nucleus sampling mass (1: the whole vocabulary)")
     prompt_tokens: int = Field(16, ge=1, description="on_policy: prompts are the first this many tokens of train texts (shorter texts are not used as prompts)")
     hard_label_weight: float = Field(0.0, ge=0, description="Weight of next-token cross entropy on the train texts, added to the logit loss")
+    teacher_topk: int = Field(64, ge=1, description="Teacher logits kept per position of the train texts in the teacher-output cache (fp16 values + int32 token ids, capped at the vocabulary size); the losses on train texts compare the distributions over that top-k set")
     max_length: int = Field(128, ge=8, description="Train texts are truncated to this many tokens")
     epochs: int = Field(2, ge=1, description="Passes over the train texts")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs)")

@@ -130,14 +130,41 @@ def topk_rows(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class TopK:
-    """Stored top-k logits: per input, [positions, k] values and token ids."""
+    """Stored top-k logits: per input, [positions, k] values and token ids.
+    key, cached, forwards and path describe the cache entry they came from."""
 
     values: Packed
     indices: Packed
     k: int
+    key: str | None = None
+    cached: bool = False
+    forwards: int = 0
+    path: Path | None = None
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.values.row(i), self.indices.row(i)
+
+    def size_bytes(self) -> int:
+        if self.path is None:
+            return 0
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    def stats(self) -> dict:
+        return {"key": self.key, "cached": self.cached, "bytes": self.size_bytes(), "k": self.k}
+
+    def batch(self, indices: Sequence[int], width: int):
+        """The rows of these inputs padded to `width` positions, as torch tensors:
+        (values [b, width, k] float32, token ids [b, width, k] int64). Padded
+        positions hold value 0 at token 0; the caller's mask leaves them out."""
+        import torch
+
+        values = np.zeros((len(indices), width, self.k), dtype=np.float32)
+        ids = np.zeros((len(indices), width, self.k), dtype=np.int64)
+        for j, i in enumerate(indices):
+            v, ix = self.row(i)
+            values[j, :len(v)] = v
+            ids[j, :len(ix)] = ix
+        return torch.from_numpy(values), torch.from_numpy(ids)
 
 
 def save_topk(directory: Path, logits_rows: Sequence[np.ndarray], k: int, name: str = "logits") -> TopK:
@@ -157,6 +184,68 @@ def save_topk(directory: Path, logits_rows: Sequence[np.ndarray], k: int, name: 
 def load_topk(directory: Path, name: str = "logits") -> TopK:
     k = json.loads((directory / f"{name}.topk.json").read_text())["k"]
     return TopK(Packed.open(directory, f"{name}.values"), Packed.open(directory, f"{name}.indices"), k)
+
+
+# run_logits(rows of token ids) -> logits [len(rows), width, vocab] (torch or numpy), row i's real positions first
+RunLogits = Callable[[list], Any]
+
+
+def compute_topk(directory: Path | None, encoded: Sequence[Sequence[int]], k: int, run_logits: RunLogits, progress,
+                 desc: str, name: str = "logits") -> TopK:
+    """Run a language-model teacher over every input once (groups of
+    TEACHER_BATCH by length) and keep the top-k logits of each real position."""
+    from compress.distill import _batches
+
+    lengths = [len(e) for e in encoded]
+    groups = _batches(lengths, TEACHER_BATCH)
+    values = PackedWriter(directory, f"{name}.values", lengths, (k,), np.float16)
+    indices = PackedWriter(directory, f"{name}.indices", lengths, (k,), np.int32)
+    bar = progress(total=len(groups), desc=f"{desc}: teacher top-{k} logits") if progress else None
+    for group in groups:
+        logits = run_logits([list(encoded[i]) for i in group])
+        logits = np.asarray(logits.float().numpy() if hasattr(logits, "numpy") else logits, dtype=np.float32)
+        for j, i in enumerate(group):
+            v, ix = topk_rows(logits[j, :lengths[i]], k)
+            values.put(i, v)
+            indices.put(i, ix)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if directory is not None:
+        (directory / f"{name}.topk.json").write_text(json.dumps({"k": k}))
+    return TopK(values.finish(), indices.finish(), k, forwards=len(groups), path=directory)
+
+
+def obtain_topk(source: TeacherSource | None, encoded: Sequence[Sequence[int]], settings: dict, k: int,
+                runner: Callable[[], RunLogits], progress, desc: str) -> TopK:
+    """A language-model teacher's top-k logits for these inputs and settings:
+    from the cache when a complete entry exists (runner never called, so the
+    teacher need not be loaded), else computed once, stored and published like
+    obtain()'s entries. Without a cache root they are kept in memory for this run."""
+    if source is None or source.cache_root is None:
+        return compute_topk(None, encoded, k, runner(), progress, desc)
+    key = entry_key(source.digest, encoded, {**settings, "k": k})
+    cache = Cache(Path(source.cache_root) / DIRNAME)
+    made = {}
+
+    def make(work: Path) -> None:
+        out = compute_topk(work, encoded, k, runner(), progress, desc)
+        made["forwards"] = out.forwards
+        meta = {"kind": "teacher-topk-logits", "key": key, "teacher": source.digest, "inputs": len(encoded),
+                "positions": int(out.values.offsets[-1]), "settings": settings, "k": k, "version": VERSION,
+                "forwards": out.forwards}
+        (work / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks it complete
+
+    path, hit = cache.produce(key, make)
+    out = load_topk(path)
+    if out.k != k or len(out.values) != len(encoded):
+        raise AssertionError(f"teacher-output entry {key} holds {len(out.values)} inputs at k {out.k}, "
+                             f"expected {len(encoded)} at k {k}")
+    out.key, out.cached, out.forwards, out.path = key, hit, made.get("forwards", 0), path
+    log.info("%s: teacher top-%d logits %s (%s, %.1f MB)", desc, k, key[:12], "cached" if hit else "computed",
+             out.size_bytes() / 1e6)
+    return out
 
 
 # -- embedding-teacher outputs ----------------------------------------------------

@@ -273,3 +273,115 @@ def test_hard_labels_add_cross_entropy_to_the_logit_loss(lm):
     both = train(derive_student(teacher, [1]), teacher, texts, tok, LmDistillConfig(**base, hard_label_weight=1.0))
     # at the first step the students are identical: the difference is the CE, about ln(ppl) of the raw student
     assert both["history"][0] - soft["history"][0] > 1.0
+
+
+# -- the teacher-output cache (top-k logits) ----------------------------------------
+
+def loader_of(model, calls: list):
+    """A teacher loader that counts its calls, as TeacherSource.load."""
+    def load():
+        calls.append(1)
+        return model
+    return load
+
+
+def test_logit_teacher_outputs_are_written_once_and_reused_without_the_teacher(lm, tmp_path):
+    from compress.lm_distill import encode
+    from compress.teacher_cache import DIRNAME, TeacherSource
+
+    teacher, tok, texts = lm["teacher"], lm["tokenizer"], lm["train"][:48]
+    base = dict(BASE, batch_size=8, losses=["logit"], teacher_topk=8)
+
+    def config(**changes):
+        return LmDistillConfig(**{**base, **changes})
+
+    calls = []
+    source = TeacherSource(tmp_path, "teacher-digest", load=loader_of(teacher, calls))
+    first = train(derive_student(teacher, [1]), None, texts, tok, config(max_steps=6), source=source)
+    out = first["teacher_outputs"]
+    assert calls == [1] and first["teacher_loaded"]
+    assert out["cached"] is False and out["k"] == 8
+    assert first["teacher_forwards"] == 2  # 48 texts in groups of teacher_cache.TEACHER_BATCH (32)
+    entries = [p.name for p in (tmp_path / DIRNAME).iterdir() if p.name not in ("tmp", "locks")]
+    assert entries == [out["key"]]
+
+    # another lr and length: the same entry, no teacher forward, the teacher not even loaded
+    calls.clear()
+    second = train(derive_student(teacher, [1]), None, texts, tok, config(lr=1e-3, max_steps=9), source=source)
+    assert calls == [] and not second["teacher_loaded"] and second["teacher_forwards"] == 0
+    assert second["teacher_outputs"]["cached"] is True and second["teacher_outputs"]["key"] == out["key"]
+    assert second["loss_last"] < second["loss_first"]
+
+    # disk is bounded by k: fp16 value + int32 id per kept logit, plus offsets and small headers
+    positions = sum(len(e) for e in encode(texts, tok, 128))  # the default max_length
+    assert positions * 8 * 6 <= out["bytes"] <= positions * 8 * 6 + 2 * 8 * (len(texts) + 1) + 4096
+
+    # k and max_length are part of the key
+    third = train(derive_student(teacher, [1]), None, texts, tok, config(max_steps=1, teacher_topk=4, max_length=16),
+                  source=source)
+    assert third["teacher_outputs"]["key"] != out["key"] and not third["teacher_outputs"]["cached"]
+    assert third["teacher_outputs"]["bytes"] < out["bytes"]
+
+
+def test_a_missing_entry_without_teacher_or_loader_says_what_to_pass(lm, tmp_path):
+    from compress.errors import CacheError
+    from compress.teacher_cache import TeacherSource
+
+    cfg = LmDistillConfig(**BASE, losses=["logit"], max_steps=1)
+    with pytest.raises(CacheError, match="pass the teacher"):
+        train(derive_student(lm["teacher"], [1]), None, lm["train"][:8], lm["tokenizer"], cfg,
+              source=TeacherSource(tmp_path, "t"))
+
+
+def test_topk_with_the_whole_vocabulary_gives_the_full_losses(lm):
+    from compress.lm_distill import _pad_right, encode
+    from compress.losses import generalized_jsd, generalized_jsd_topk, logit_kl, logit_kl_topk
+    from compress.teacher_cache import compute_topk
+
+    teacher, tok = lm["teacher"], lm["tokenizer"]
+    student = derive_student(teacher, [1])
+    rows = encode(lm["train"][:40], tok, 128)
+    vocab = len(tok)
+
+    def run(batch):
+        ids, mask = _pad_right(batch, tok.pad_token_id)
+        with torch.no_grad():
+            return teacher(input_ids=ids, attention_mask=mask).logits
+
+    full = compute_topk(None, rows, vocab, run, None, "test")
+    assert full.forwards == 2
+    batch = [3, 17, 25, 39]  # rows of different lengths: right padding
+    ids, mask = _pad_right([rows[i] for i in batch], tok.pad_token_id)
+    assert (mask == 0).any()
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask).logits
+        t = teacher(input_ids=ids, attention_mask=mask).logits
+    cached = full.batch(batch, ids.shape[1])
+    for temperature in (1.0, 2.0):
+        want = logit_kl(s, t, temperature, mask).item()
+        got = logit_kl_topk(s, cached, temperature, mask).item()
+        assert want > 0.05 and got == pytest.approx(want, rel=1e-2)
+    want = generalized_jsd(s, t, 0.9, 1.0, mask).item()
+    assert generalized_jsd_topk(s, cached, 0.9, 1.0, mask).item() == pytest.approx(want, rel=1e-2)
+    # a small k sees less of the distribution
+    small = compute_topk(None, rows, 2, run, None, "test").batch(batch, ids.shape[1])
+    assert logit_kl_topk(s, small, 1.0, mask).item() != pytest.approx(want, rel=1e-2)
+
+
+def test_on_policy_batches_load_the_teacher_once_with_the_cache_on(lm, tmp_path):
+    from compress.teacher_cache import TeacherSource
+
+    teacher, tok, texts = lm["teacher"], lm["tokenizer"], lm["train"][:64]
+    cfg = LmDistillConfig(**dict(BASE, batch_size=8, max_new_tokens=4, max_steps=6), losses=["logit", "on_policy"],
+                          lmbda=0.5)
+    calls = []
+    source = TeacherSource(tmp_path, "teacher-digest", load=loader_of(teacher, calls))
+    first = train(derive_student(teacher, [1]), None, texts, tok, cfg, source=source)
+    assert calls == [1] and 0 < first["on_policy_steps"] < 6
+    assert first["teacher_forwards"] == 2 + first["on_policy_steps"]
+    calls.clear()
+    second = train(derive_student(teacher, [1]), None, texts, tok, cfg, source=source)
+    # the entry serves the train texts; only the student's samples need the live teacher, loaded once
+    assert calls == [1] and second["teacher_outputs"]["cached"]
+    assert second["teacher_forwards"] == second["on_policy_steps"] > 0
+    assert second["history"] == pytest.approx(first["history"])
