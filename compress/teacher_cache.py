@@ -1,7 +1,8 @@
 """Teacher outputs on disk: computed once per (teacher, tokenized inputs, settings)
 and reused by every epoch, every rebuild and prune's recovery.
 
-Sits under distill.train(). An entry is <cache root>/teacher-outputs/<key>/, a
+Sits under distill.train() and, for causal-LM teachers (top-k logits,
+obtain_topk), lm_distill.train(). An entry is <cache root>/teacher-outputs/<key>/, a
 directory of memory-mapped fp16 arrays published like a stage cache entry
 (compress/cache.py: temporary directory, meta.json written last, rename, a file
 lock per key). Variable-length rows are stored per input, packed back to back

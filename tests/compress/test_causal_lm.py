@@ -134,6 +134,11 @@ def test_build_records_distillation_export_and_bench(project):
     meta = {s["stage"]: s["meta"] for s in rep["stages"]}
     assert meta["distill"]["losses"] == ["logit", "on_policy"] and meta["distill"]["layers"] == [1]
     assert 0 < meta["distill"]["on_policy_steps"] < 30 and meta["distill"]["generated_tokens"] > 0
+    # the teacher's top-64 logits on the train texts went to the cache once; on-policy batches ran it live
+    out = meta["distill"]["teacher_outputs"]
+    assert out["k"] == 64 and out["cached"] is False and out["bytes"] > 0
+    assert (project / ".compress" / "cache" / "teacher-outputs" / out["key"] / "meta.json").is_file()
+    assert meta["distill"]["teacher_forwards"] > meta["distill"]["on_policy_steps"]
     assert meta["export"]["outputs"] == {"logits": ["batch", "sequence", VOCAB]}
     assert meta["export"]["validation"]["texts"]["max_abs_diff"] < 1e-3
     assert meta["quantize"]["precision"] == "int8" and meta["target cpu"]["graph"]["int8_kernels"] > 0
