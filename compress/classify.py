@@ -148,47 +148,83 @@ def logit_loss(s_logits, t_logits, temperature: float):
                     reduction="batchmean") * t * t
 
 
+def classifier_step(s_clf, relation_heads: int):
+    """One student forward for a distillation step, as a module so that
+    DistributedDataParallel sees (and synchronises) it (as distill.student_step):
+    logits, the head's input, every hidden state and, with the attention loss,
+    the last layer's relations."""
+    import torch
+
+    from compress.distill import relations
+
+    class ClassifierStep(torch.nn.Module):
+        def __init__(self, s_clf, relation_heads: int):
+            super().__init__()
+            self.s_clf, self.relation_heads = s_clf, relation_heads
+
+        def forward(self, ids, mask):
+            logits, pooled, states = self.s_clf.encode(ids, mask)
+            rel = (relations(self.s_clf.clf.base_model.encoder.layer[-1], states[-2], mask, self.relation_heads)
+                   if self.relation_heads else ())
+            return logits, pooled, states, rel
+
+    return ClassifierStep(s_clf, relation_heads)
+
+
 def train(student, teacher, layers: list[int], texts: list[str], labels: list[int] | None, tokenizer,
           cfg: DistillConfig, progress, desc: str = "distill") -> dict:
     """Distil `student` (in place) towards `teacher` with cfg.losses: logit (soft
     targets, mixed with cross-entropy on `labels` by alpha when there are labels),
     feature (head input + hidden states after the mapped layers) and attention.
-    The loop mirrors distill.train, which stays the embedding task's own."""
+    The loop mirrors distill.train, which stays the embedding task's own; like it,
+    on several ranks each step deals one global batch of batch_size x world
+    inputs out across them (compress/distributed.py)."""
     import torch
     import torch.nn.functional as F
 
-    from compress.distill import (_batches, _pad, bf16_supported, feature_loss, no_dropout, optimizer,
-                                  relation_loss, relations)
+    from compress import distributed
+    from compress.distill import (_Silent, _batches, _pad, bf16_supported, coverage, feature_loss, no_dropout,
+                                  optimizer, relation_loss, relations)
 
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # the same on every rank: all take the global batches in one order
     no_dropout(student)
+    world = distributed.world() if distributed.collective() else distributed.World()
     t_clf = make_classifier(teacher).eval()
     s_clf = make_classifier(student).train()
     targets = [l + 1 for l in layers]
-    t_layers, s_layers = teacher.base_model.encoder.layer, student.base_model.encoder.layer
+    t_layers = teacher.base_model.encoder.layer
 
     encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
     label_ids = torch.tensor(labels if labels is not None else [IGNORE] * len(texts), dtype=torch.long)
-    batches = _batches([len(e) for e in encoded], cfg.batch_size)
+    batches = _batches([len(e) for e in encoded], cfg.batch_size * world.size)
     steps_per_epoch = len(batches)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     opt, sched = optimizer(s_clf, total, cfg.lr, cfg.weight_decay, cfg.warmup)
     use_bf16 = cfg.bf16 and bf16_supported()
     use = {name: name in cfg.losses for name in ("logit", "feature", "attention")}
     pad_id = tokenizer.pad_token_id or 0
+    step_fn = distributed.wrap(classifier_step(s_clf, cfg.relation_heads if use["attention"] else 0))
 
-    teacher_cache: dict[int, tuple] = {}
-    bar = progress(total=total, desc=desc)
-    step, history, logit_history = 0, [], []
+    teacher_cache: dict[int, tuple] = {}  # this rank's share of batch b (the same share every epoch)
+    bar = progress(total=total, desc=desc) if world.main else _Silent()
+    step, history, logit_history, seen = 0, [], [], []
     while step < total:
         order = list(range(steps_per_epoch))
         rng.shuffle(order)
+        epoch_seen = []
         for b in order:
             if step >= total:
                 break
-            ids, mask = _pad([encoded[i] for i in batches[b]], pad_id)
-            gold = label_ids[batches[b]]
+            mine = distributed.deal(batches[b], world.rank, world.size)
+            # Each rank's loss is weighted by its share of the global batch, so the
+            # ranks' averaged gradient is that of the global batch. A rank dealt
+            # nothing (the last, short batch) runs one input at weight 0.
+            weight = len(mine) * world.size / len(batches[b])
+            epoch_seen.extend(mine)
+            rows = mine or list(batches[b][:1])
+            ids, mask = _pad([encoded[i] for i in rows], pad_id)
+            gold = label_ids[rows]
             if b not in teacher_cache:
                 with torch.inference_mode():
                     t_logits, t_pooled, t_states = t_clf.encode(ids, mask)
@@ -200,8 +236,7 @@ def train(student, teacher, layers: list[int], texts: list[str], labels: list[in
             t_pooled, t_states = teacher_cache[b][1].float(), [t.float() for t in teacher_cache[b][2]]
             t_rel = [r.float() for r in teacher_cache[b][3]]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                s_logits, s_pooled, s_states = s_clf.encode(ids, mask)
-                s_rel = relations(s_layers[-1], s_states[-2], mask, cfg.relation_heads) if use["attention"] else ()
+                s_logits, s_pooled, s_states, s_rel = step_fn(ids, mask)
             loss = torch.zeros(())
             parts = {}
             if use["logit"]:
@@ -224,13 +259,14 @@ def train(student, teacher, layers: list[int], texts: list[str], labels: list[in
                 loss = loss + cfg.attention_weight * la
                 parts["attention"] = la.item()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             torch.nn.utils.clip_grad_norm_(s_clf.parameters(), 1.0)
             opt.step()
             sched.step()
             step += 1
             history.append(loss.item())
             bar.update(1, loss=history[-1], **parts)
+        seen.append(epoch_seen)
     bar.close()
     student.eval()
 
@@ -238,7 +274,7 @@ def train(student, teacher, layers: list[int], texts: list[str], labels: list[in
         return sum(xs) / max(len(xs), 1)
 
     stats = {"steps": step, "loss_first": mean(history[:20]), "loss_last": mean(history[-20:]), "bf16": use_bf16,
-             "labelled_inputs": int((label_ids != IGNORE).sum())}
+             "labelled_inputs": int((label_ids != IGNORE).sum()), "data": coverage(seen, len(encoded), world)}
     if logit_history:
         stats.update(logit_loss_first=mean(logit_history[:20]), logit_loss_last=mean(logit_history[-20:]))
     log.info("%s: %d steps, loss %.4f -> %.4f", desc, step, stats["loss_first"], stats["loss_last"])

@@ -32,6 +32,8 @@ from compress.errors import CompressError, RecipeError
 
 # Stages that train, and so run on every rank.
 TRAINING_STAGES = ("distill", "prune")
+# Tasks whose training loops deal global batches across the ranks.
+DISTRIBUTED_TASKS = ("embedding", "classification")
 
 
 @dataclass(frozen=True)
@@ -156,10 +158,12 @@ def wrap(module):
 
 
 def check_recipe(recipe) -> None:
-    """What a distributed build can run: distillation of an embedding model."""
-    if recipe.task != "embedding":
-        raise RecipeError(f"--nproc / torchrun: distributed distillation supports task embedding, and this recipe's "
-                          f"task is {recipe.task}; build it with one process (drop --nproc)")
+    """What a distributed build can run: distillation of an embedding model or a
+    sequence classifier."""
+    if recipe.task not in DISTRIBUTED_TASKS:
+        raise RecipeError(f"--nproc / torchrun: distributed distillation supports tasks "
+                          f"{' and '.join(DISTRIBUTED_TASKS)}, and this recipe's task is {recipe.task}; "
+                          "build it with one process (drop --nproc)")
 
 
 def check_nproc(nproc: int) -> None:

@@ -298,3 +298,44 @@ def test_extra_train_adds_unlabelled_inputs_beside_the_labelled_ones(project, mo
     assert b.digests["train_labels"] != a.digests["train_labels"] and b.digests["train"] != a.digests["train"]
     ctx_labels = [b.train_labels.get(t, IGNORE) for t in b.train]
     assert ctx_labels.count(IGNORE) == len([t for t in b.train if t in added])
+
+
+def _build(cwd: Path, *args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    res = subprocess.run([sys.executable, "-m", "compress", "build", *args, "--target", "cpu", "--no-bench"], cwd=cwd,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {"stderr": res.stderr, "report": json.loads((cwd / args[args.index("-o") + 1] / "cpu" / "report.json").read_text())}
+
+
+def test_nproc_2_distils_a_classifier_like_one_process(project):
+    """`--nproc 2` with batch_size 8 against one process with batch_size 16 (the
+    same global batch), 2 epochs: every input once per epoch, on one rank; the
+    same steps; the same accuracy retention and held-out agreement."""
+    recipe = (project / "compress.yaml").read_text()
+    assert "epochs: 1, batch_size: 16" in recipe
+    (project / "one.yaml").write_text(recipe.replace("epochs: 1, batch_size: 16", "epochs: 2, batch_size: 16"))
+    (project / "two.yaml").write_text(recipe.replace("epochs: 1, batch_size: 16", "epochs: 2, batch_size: 8"))
+    one = _build(project, "-r", "one.yaml", "-o", "b1", "--cache", "c1")["report"]
+    run = _build(project, "--nproc", "2", "-r", "two.yaml", "-o", "b2", "--cache", "c2")
+    assert "2 processes" in run["stderr"]
+    two = run["report"]
+    m1, m2 = one["stages"][0]["meta"], two["stages"][0]["meta"]
+    assert m1["data"]["ranks"] == 1 and m2["data"]["ranks"] == 2
+    assert m2["data"]["inputs"] == m1["data"]["inputs"] == m2["train_inputs"]
+    for data in (m1["data"], m2["data"]):
+        assert len(data["epochs"]) == 2
+        for epoch in data["epochs"]:  # every input once per epoch (on one of the ranks)
+            assert epoch["seen"] == epoch["distinct"] == data["inputs"]
+    for epoch in m2["data"]["epochs"]:
+        assert abs(epoch["per_rank"][0] - epoch["per_rank"][1]) <= 8
+    assert m2["steps"] == m1["steps"]
+    # it learned as much as one process did (rank 0's loss is on its half of each batch: noisier)
+    assert m2["loss_last"] < 0.6 * m2["loss_first"]
+    assert m2["loss_last"] == pytest.approx(m1["loss_last"], rel=0.35)
+    for q1, q2 in zip([s["quality"] for s in one["stages"]], [s["quality"] for s in two["stages"]]):
+        assert q2["retention"]["eval"] == pytest.approx(q1["retention"]["eval"], abs=0.05)
+        assert q2["fidelity"]["agreement"] == pytest.approx(q1["fidelity"]["agreement"], abs=0.05)
+        assert q2["fidelity"]["cosine"] == pytest.approx(q1["fidelity"]["cosine"], abs=0.003)
+        assert q2["fidelity"]["kl"] == pytest.approx(q1["fidelity"]["kl"], rel=0.5)
+    assert two["summary"]["retention"]["eval"] > 0.8

@@ -105,9 +105,12 @@ def test_torchrun_runs_the_same_distributed_build(project, single):
 def test_nproc_refuses_what_it_cannot_run(project, tmp_path):
     r = run_cli("build", "--nproc", "0", "-r", "two.yaml", cwd=project)
     assert r.returncode == 2 and "--nproc 0" in r.stderr
-    (project / "cls.yaml").write_text("teacher: {source: example:minilm-polarity}\ntask: classification\n"
-                                      "data: {train: {source: example:polarity-train}, eval: [{source: example:polarity-test}]}\n")
-    r = run_cli("build", "--nproc", "2", "-r", "cls.yaml", "-o", str(tmp_path / "b"), cwd=project)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("compress: error: --nproc / torchrun: distributed distillation supports task embedding")
+    (project / "img.yaml").write_text("teacher: {source: example:efficientnet-lite0-fashion}\n"
+                                      "task: image-classification\ndata: {train: {source: example:fashion-mnist-train}, "
+                                      "eval: [{source: example:fashion-mnist-test}]}\n")
+    r = run_cli("build", "--nproc", "2", "-r", "img.yaml", "-o", str(tmp_path / "b"), cwd=project)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "compress: error: --nproc / torchrun: distributed distillation supports tasks embedding and classification, "
+        "and this recipe's task is image-classification; build it with one process (drop --nproc)")
     assert not (tmp_path / "b").exists()
