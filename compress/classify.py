@@ -208,66 +208,52 @@ def train(student, teacher, layers: list[int], texts: list[str], labels: list[in
 
     teacher_cache: dict[int, tuple] = {}  # this rank's share of batch b (the same share every epoch)
     bar = progress(total=total, desc=desc) if world.main else _Silent()
-    step, history, logit_history, seen = 0, [], [], []
-    while step < total:
-        order = list(range(steps_per_epoch))
-        rng.shuffle(order)
-        epoch_seen = []
-        for b in order:
-            if step >= total:
-                break
-            mine = distributed.deal(batches[b], world.rank, world.size)
-            # Each rank's loss is weighted by its share of the global batch, so the
-            # ranks' averaged gradient is that of the global batch. A rank dealt
-            # nothing (the last, short batch) runs one input at weight 0.
-            weight = len(mine) * world.size / len(batches[b])
-            epoch_seen.extend(mine)
-            rows = mine or list(batches[b][:1])
-            ids, mask = _pad([encoded[i] for i in rows], pad_id)
-            gold = label_ids[rows]
-            if b not in teacher_cache:
-                with torch.inference_mode():
-                    t_logits, t_pooled, t_states = t_clf.encode(ids, mask)
-                    t_rel = (relations(t_layers[layers[-1]], t_states[layers[-1]], mask, cfg.relation_heads)
-                             if use["attention"] else ())
-                teacher_cache[b] = (t_logits.float(), t_pooled.half(), [t_states[j].half() for j in targets],
-                                    [r.half() for r in t_rel])
-            t_logits = teacher_cache[b][0]
-            t_pooled, t_states = teacher_cache[b][1].float(), [t.float() for t in teacher_cache[b][2]]
-            t_rel = [r.float() for r in teacher_cache[b][3]]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                s_logits, s_pooled, s_states, s_rel = step_fn(ids, mask)
-            loss = torch.zeros(())
-            parts = {}
-            if use["logit"]:
-                soft = logit_loss(s_logits.float(), t_logits, cfg.temperature)
-                lk = soft
-                if (gold != IGNORE).any():
-                    hard = F.cross_entropy(s_logits.float(), gold, ignore_index=IGNORE)
-                    lk = cfg.alpha * soft + (1 - cfg.alpha) * hard
-                    parts["ce"] = hard.item()
-                loss = loss + cfg.logit_weight * lk
-                parts["logit"] = soft.item()
-                logit_history.append(soft.item())
-            if use["feature"]:
-                lf, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_states[1:]],
-                                          t_states, mask, cfg)
-                loss = loss + lf
-                parts.update(pooled=lp.item(), hidden=float(lh))
-            if use["attention"]:
-                la = relation_loss(s_rel, t_rel, mask)
-                loss = loss + cfg.attention_weight * la
-                parts["attention"] = la.item()
-            opt.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            torch.nn.utils.clip_grad_norm_(s_clf.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            history.append(loss.item())
-            bar.update(1, loss=history[-1], **parts)
-        seen.append(epoch_seen)
+    history, logit_history, seen = [], [], []
+    for b, rows, weight in distributed.dealt_steps(batches, total, rng, world, seen):
+        ids, mask = _pad([encoded[i] for i in rows], pad_id)
+        gold = label_ids[rows]
+        if b not in teacher_cache:
+            with torch.inference_mode():
+                t_logits, t_pooled, t_states = t_clf.encode(ids, mask)
+                t_rel = (relations(t_layers[layers[-1]], t_states[layers[-1]], mask, cfg.relation_heads)
+                         if use["attention"] else ())
+            teacher_cache[b] = (t_logits.float(), t_pooled.half(), [t_states[j].half() for j in targets],
+                                [r.half() for r in t_rel])
+        t_logits = teacher_cache[b][0]
+        t_pooled, t_states = teacher_cache[b][1].float(), [t.float() for t in teacher_cache[b][2]]
+        t_rel = [r.float() for r in teacher_cache[b][3]]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            s_logits, s_pooled, s_states, s_rel = step_fn(ids, mask)
+        loss = torch.zeros(())
+        parts = {}
+        if use["logit"]:
+            soft = logit_loss(s_logits.float(), t_logits, cfg.temperature)
+            lk = soft
+            if (gold != IGNORE).any():
+                hard = F.cross_entropy(s_logits.float(), gold, ignore_index=IGNORE)
+                lk = cfg.alpha * soft + (1 - cfg.alpha) * hard
+                parts["ce"] = hard.item()
+            loss = loss + cfg.logit_weight * lk
+            parts["logit"] = soft.item()
+            logit_history.append(soft.item())
+        if use["feature"]:
+            lf, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_states[1:]],
+                                      t_states, mask, cfg)
+            loss = loss + lf
+            parts.update(pooled=lp.item(), hidden=float(lh))
+        if use["attention"]:
+            la = relation_loss(s_rel, t_rel, mask)
+            loss = loss + cfg.attention_weight * la
+            parts["attention"] = la.item()
+        opt.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        torch.nn.utils.clip_grad_norm_(s_clf.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        bar.update(1, loss=history[-1], **parts)
     bar.close()
+    step = len(history)
     student.eval()
 
     def mean(xs):

@@ -191,53 +191,39 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
     step_fn = distributed.wrap(trainee)
     p_enc = make_sentence_encoder(previous).eval() if previous is not None else None
     bar = progress(total=total, desc=desc) if world.main else _Silent()
-    step, history, seen, part_history = 0, [], [], {}
-    while step < total:
-        order = list(range(steps_per_epoch))
-        rng.shuffle(order)
-        epoch_seen = []
-        for b in order:
-            if step >= total:
-                break
-            mine = distributed.deal(batches[b], world.rank, world.size)
-            # Each rank's loss is weighted by its share of the global batch, so the
-            # ranks' averaged gradient is that of the global batch. A rank dealt
-            # nothing (the last, short batch) runs one input at weight 0.
-            weight = len(mine) * world.size / len(batches[b])
-            epoch_seen.extend(mine)
-            rows = mine or list(batches[b][:1])
-            ids, mask = _pad([encoded[i] for i in rows], pad_id)
-            t_pooled, t_states, t_rel = outputs.batch(rows, ids.shape[1])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                s_pooled, s_states, s_rel, s_wide = step_fn(ids, mask)
-            loss = lp = lh = torch.zeros(())
-            if use_feature:
-                loss, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_wide],
-                                            t_states, mask, cfg)
-            parts = {"pooled": lp.item(), "hidden": float(lh)}
-            if use_attention:
-                la = relation_loss(s_rel, t_rel, mask)
-                loss = loss + cfg.attention_weight * la
-                parts["attention"] = la.item()
-            if use_self:
-                ls = self_loss(s_pooled.float(), [s.float() for s in s_states], ids, mask, cfg, p_enc)
-                loss = loss + cfg.self_weight * ls
-                parts["self_distill"] = ls.item()
-            opt.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            torch.nn.utils.clip_grad_norm_(trainee.parameters(), 1.0)
-            opt.step()
-            if after_step is not None:
-                after_step()
-            sched.step()
-            step += 1
-            value = loss.item()
-            history.append(value)
-            for k, v in parts.items():
-                part_history.setdefault(k, []).append(v)
-            bar.update(1, loss=value, **parts)
-        seen.append(epoch_seen)
+    history, seen, part_history = [], [], {}
+    for _, rows, weight in distributed.dealt_steps(batches, total, rng, world, seen):
+        ids, mask = _pad([encoded[i] for i in rows], pad_id)
+        t_pooled, t_states, t_rel = outputs.batch(rows, ids.shape[1])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            s_pooled, s_states, s_rel, s_wide = step_fn(ids, mask)
+        loss = lp = lh = torch.zeros(())
+        if use_feature:
+            loss, lp, lh = feature_loss(s_pooled.float(), t_pooled, [s.float() for s in s_wide],
+                                        t_states, mask, cfg)
+        parts = {"pooled": lp.item(), "hidden": float(lh)}
+        if use_attention:
+            la = relation_loss(s_rel, t_rel, mask)
+            loss = loss + cfg.attention_weight * la
+            parts["attention"] = la.item()
+        if use_self:
+            ls = self_loss(s_pooled.float(), [s.float() for s in s_states], ids, mask, cfg, p_enc)
+            loss = loss + cfg.self_weight * ls
+            parts["self_distill"] = ls.item()
+        opt.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        torch.nn.utils.clip_grad_norm_(trainee.parameters(), 1.0)
+        opt.step()
+        if after_step is not None:
+            after_step()
+        sched.step()
+        value = loss.item()
+        history.append(value)
+        for k, v in parts.items():
+            part_history.setdefault(k, []).append(v)
+        bar.update(1, loss=value, **parts)
     bar.close()
+    step = len(history)
     student.eval()
     head = sum(history[:20]) / max(len(history[:20]), 1)
     tail = sum(history[-20:]) / max(len(history[-20:]), 1)

@@ -143,6 +143,28 @@ def deal(batch: Sequence[int], rank: int, size: int) -> list[int]:
     return list(batch[rank::size])
 
 
+def dealt_steps(batches: Sequence[Sequence[int]], total: int, rng, world: World, seen: list[list[int]]):
+    """The steps of a training run: epochs over the global `batches` in an order
+    `rng` shuffles (the same on every rank), until `total` steps. Yields
+    (batch index, this rank's rows, loss weight). Each rank's loss is weighted by
+    its share of the global batch, so the ranks' averaged gradient is that of the
+    global batch; a rank dealt nothing (the last, short batch) gets one input at
+    weight 0. Appends each epoch's dealt input indices to `seen` (for coverage)."""
+    step = 0
+    while step < total:
+        order = list(range(len(batches)))
+        rng.shuffle(order)
+        epoch: list[int] = []
+        seen.append(epoch)
+        for b in order:
+            if step >= total:
+                break
+            mine = deal(batches[b], world.rank, world.size)
+            epoch.extend(mine)
+            yield b, mine or list(batches[b][:1]), len(mine) * world.size / len(batches[b])
+            step += 1
+
+
 def wrap(module):
     """`module` in DistributedDataParallel when distributed (its parameters are
     broadcast from rank 0 here), else unchanged."""
