@@ -63,19 +63,26 @@ class TorchEncoder(Encoder):
             return self.module(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
 
 
+def eval_session(model: Path, threads: int = 2, session_options: dict | None = None):
+    """An ONNX Runtime CPU session for scoring a model: `threads` intra-op
+    threads, one inter-op, and the graph optimization level a target build
+    recorded for it (its session_options.json), if any."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    level = (session_options or {}).get("graph_optimization_level")
+    if level:  # a target build records how it must be loaded
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+
+
 class OnnxEncoder(Encoder):
     def __init__(self, model: Path, tokenizer_dir: Path, max_length: int, threads: int = 2,
                  session_options: dict | None = None):
-        import onnxruntime as ort
-
         super().__init__(load_tokenizer(tokenizer_dir), max_length)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        level = (session_options or {}).get("graph_optimization_level")
-        if level:  # a target build records how it must be loaded
-            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        self.session = eval_session(model, threads, session_options)
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def _run(self, input_ids, attention_mask):

@@ -179,17 +179,9 @@ class TorchLm(LmRunner):
 class OnnxLm(LmRunner):
     def __init__(self, model: Path, tokenizer_dir: Path, max_length: int, threads: int = 2,
                  session_options: dict | None = None):
-        import onnxruntime as ort
+        from compress.encoders import eval_session, load_tokenizer
 
-        from compress.encoders import load_tokenizer
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        level = (session_options or {}).get("graph_optimization_level")
-        if level:  # a target build records how it must be loaded
-            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        self.session = eval_session(model, threads, session_options)
         self.inputs = [i.name for i in self.session.get_inputs()]
         vocab = self.session.get_outputs()[0].shape[-1]
         super().__init__(load_tokenizer(tokenizer_dir), max_length, vocab if isinstance(vocab, int) else 50257)

@@ -716,15 +716,9 @@ class TorchImageClassifier:
 
 class OnnxImageClassifier:
     def __init__(self, model: Path, threads: int = 2, session_options: dict | None = None):
-        import onnxruntime as ort
+        from compress.encoders import eval_session
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        level = (session_options or {}).get("graph_optimization_level")
-        if level:
-            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        self.session = eval_session(model, threads, session_options)
         self.classes = self.session.get_outputs()[0].shape[-1]
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
