@@ -172,28 +172,29 @@ def classifier_step(s_clf, relation_heads: int):
 
 
 def train(student, teacher, layers: list[int], texts: list[str], labels: list[int] | None, tokenizer,
-          cfg: DistillConfig, progress, desc: str = "distill") -> dict:
+          cfg: DistillConfig, progress, desc: str = "distill", source=None) -> dict:
     """Distil `student` (in place) towards `teacher` with cfg.losses: logit (soft
     targets, mixed with cross-entropy on `labels` by alpha when there are labels),
     feature (head input + hidden states after the mapped layers) and attention.
     The loop mirrors distill.train, which stays the embedding task's own; like it,
     on several ranks each step deals one global batch of batch_size x world
-    inputs out across them (compress/distributed.py)."""
+    inputs out across them (compress/distributed.py).
+    Teacher targets come from `source` (a teacher_cache.TeacherSource), as in
+    distill.train: with a cache root they are computed once, stored on disk and
+    reused by every epoch and later runs, which run no teacher forward; teacher
+    may then be None (source.load gives it only when the entry must be computed)."""
     import torch
     import torch.nn.functional as F
 
     from compress import distributed
     from compress.distill import (_Silent, _batches, _pad, bf16_supported, coverage, feature_loss, no_dropout,
-                                  optimizer, relation_loss, relations)
+                                  optimizer, relation_loss)
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)  # the same on every rank: all take the global batches in one order
     no_dropout(student)
     world = distributed.world() if distributed.collective() else distributed.World()
-    t_clf = make_classifier(teacher).eval()
     s_clf = make_classifier(student).train()
-    targets = [l + 1 for l in layers]
-    t_layers = teacher.base_model.encoder.layer
 
     encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
     label_ids = torch.tensor(labels if labels is not None else [IGNORE] * len(texts), dtype=torch.long)
@@ -205,23 +206,15 @@ def train(student, teacher, layers: list[int], texts: list[str], labels: list[in
     use = {name: name in cfg.losses for name in ("logit", "feature", "attention")}
     pad_id = tokenizer.pad_token_id or 0
     step_fn = distributed.wrap(classifier_step(s_clf, cfg.relation_heads if use["attention"] else 0))
+    outputs = teacher_outputs(teacher, layers, encoded, pad_id, cfg, source, progress, desc)
 
-    teacher_cache: dict[int, tuple] = {}  # this rank's share of batch b (the same share every epoch)
     bar = progress(total=total, desc=desc) if world.main else _Silent()
     history, logit_history, seen = [], [], []
-    for b, rows, weight in distributed.dealt_steps(batches, total, rng, world, seen):
+    for _, rows, weight in distributed.dealt_steps(batches, total, rng, world, seen):
         ids, mask = _pad([encoded[i] for i in rows], pad_id)
         gold = label_ids[rows]
-        if b not in teacher_cache:
-            with torch.inference_mode():
-                t_logits, t_pooled, t_states = t_clf.encode(ids, mask)
-                t_rel = (relations(t_layers[layers[-1]], t_states[layers[-1]], mask, cfg.relation_heads)
-                         if use["attention"] else ())
-            teacher_cache[b] = (t_logits.float(), t_pooled.half(), [t_states[j].half() for j in targets],
-                                [r.half() for r in t_rel])
-        t_logits = teacher_cache[b][0]
-        t_pooled, t_states = teacher_cache[b][1].float(), [t.float() for t in teacher_cache[b][2]]
-        t_rel = [r.float() for r in teacher_cache[b][3]]
+        t_logits = outputs.batch_logits(rows)
+        t_pooled, t_states, t_rel = outputs.batch(rows, ids.shape[1])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             s_logits, s_pooled, s_states, s_rel = step_fn(ids, mask)
         loss = torch.zeros(())
@@ -260,11 +253,55 @@ def train(student, teacher, layers: list[int], texts: list[str], labels: list[in
         return sum(xs) / max(len(xs), 1)
 
     stats = {"steps": step, "loss_first": mean(history[:20]), "loss_last": mean(history[-20:]), "bf16": use_bf16,
-             "labelled_inputs": int((label_ids != IGNORE).sum()), "data": coverage(seen, len(encoded), world)}
+             "labelled_inputs": int((label_ids != IGNORE).sum()), "data": coverage(seen, len(encoded), world),
+             "teacher_forwards": outputs.forwards, "teacher_outputs": outputs.stats()}
     if logit_history:
         stats.update(logit_loss_first=mean(logit_history[:20]), logit_loss_last=mean(logit_history[-20:]))
     log.info("%s: %d steps, loss %.4f -> %.4f", desc, step, stats["loss_first"], stats["loss_last"])
     return stats
+
+
+def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: DistillConfig, source, progress,
+                    desc: str):
+    """The classifier teacher's targets for every input (teacher_cache.TeacherOutputs),
+    only those cfg.losses read: the class logits (always: they are num_labels
+    floats per input), with feature the head's input and the hidden state after
+    each teacher layer in `layers`, with attention the last one's relations.
+    Keyed by the teacher, the token ids and these settings, so a rebuild that
+    changes only how the student trains (lr, epochs, temperature, alpha, the
+    weights) finds them."""
+    import torch
+
+    from compress import teacher_cache
+    from compress.distill import relations
+    from compress.errors import CacheError
+
+    use_feature, use_attention = "feature" in cfg.losses, "attention" in cfg.losses
+    targets = [l + 1 for l in layers] if use_feature else []
+    settings = {"task": "classification", "max_length": cfg.max_length, "logits": "float32", "dtype": "float16",
+                "pooled": use_feature, "states": targets,
+                "relations": {"layer": layers[-1], "heads": cfg.relation_heads} if use_attention else None}
+
+    def runner():
+        model = teacher
+        if model is None and source is not None and source.load is not None:
+            model = source.load()
+        if model is None:
+            raise CacheError(f"{desc}: teacher outputs are not cached under {getattr(source, 'cache_root', None)} "
+                             "and no teacher model was given; pass the teacher model to classify.train()")
+        t_clf = make_classifier(model).eval()
+        last = model.base_model.encoder.layer[layers[-1]]
+
+        def run(ids, mask):
+            with torch.inference_mode():
+                logits, pooled, states = t_clf.encode(ids, mask)
+                rel = relations(last, states[layers[-1]], mask, cfg.relation_heads) if use_attention else ()
+            return (pooled if use_feature else None), [states[j] for j in targets], list(rel), logits
+
+        return run
+
+    return teacher_cache.obtain(source, encoded, settings, pad_id, cfg.relation_heads if use_attention else 0,
+                                runner, progress, desc)
 
 
 def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
@@ -273,6 +310,7 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     from compress.distill import narrow
     from compress.encoders import load_tokenizer
     from compress.models import count_params, every_other_layer
+    from compress.teacher_cache import TeacherSource
 
     out: Path = ctx.out
     teacher = load_hf_classifier(src.path)
@@ -281,9 +319,14 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
     tokenizer = load_tokenizer(src.path)
     # As for embeddings: narrow the encoder first; distillation recovers what it carried.
     plan = narrow(student.base_model, teacher.base_model, layers, ctx.train_texts, tokenizer, cfg)
+    num_labels, teacher_params = teacher.config.num_labels, count_params(teacher)
+    # The student now holds what it needs of the teacher (its copied weights);
+    # training reloads the teacher only if its outputs are not cached yet (as lm_distill).
+    del teacher
     label_of = getattr(ctx, "train_labels", None) or {}
     labels = [label_of.get(t, IGNORE) for t in ctx.train_texts] if label_of else None
-    stats = train(student, teacher, layers, ctx.train_texts, labels, tokenizer, cfg, ctx.progress)
+    source = TeacherSource(ctx.cache_root, src.digest, load=lambda: load_hf_classifier(src.path))
+    stats = train(student, None, layers, ctx.train_texts, labels, tokenizer, cfg, ctx.progress, source=source)
 
     student.save_pretrained(str(out), safe_serialization=True)
     if plan is not None:
@@ -294,10 +337,10 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         "parent": src.digest,
         "layers": layers,
         "num_layers": len(layers),
-        "num_labels": teacher.config.num_labels,
+        "num_labels": num_labels,
         "structure": pruning.structure(student.base_model),
         "params": count_params(student),
-        "teacher_params": count_params(teacher),
+        "teacher_params": teacher_params,
         **stats,
         "train_inputs": len(ctx.train_texts),
         "tokenizer_files": tokenizer_files,

@@ -313,7 +313,7 @@ def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: Disti
                 _, pooled, states = t_enc.encode(ids, mask)
                 rel = (relations(model.encoder.layer[layers[-1]], states[layers[-1]], mask, cfg.relation_heads)
                        if use_attention else ())
-            return pooled, [states[j] for j in targets], list(rel)
+            return pooled, [states[j] for j in targets], list(rel), None  # an encoder has no class logits
 
         return run
 

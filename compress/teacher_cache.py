@@ -1,12 +1,14 @@
 """Teacher outputs on disk: computed once per (teacher, tokenized inputs, settings)
 and reused by every epoch, every rebuild and prune's recovery.
 
-Sits under distill.train() and, for causal-LM teachers (top-k logits,
-obtain_topk), lm_distill.train(). An entry is <cache root>/teacher-outputs/<key>/, a
-directory of memory-mapped fp16 arrays published like a stage cache entry
-(compress/cache.py: temporary directory, meta.json written last, rename, a file
-lock per key). Variable-length rows are stored per input, packed back to back
-with offsets, so how a later run groups inputs into batches does not matter.
+Sits under distill.train(), classify.train() (class logits beside the
+features) and, for causal-LM teachers (top-k logits, obtain_topk),
+lm_distill.train(). An entry is <cache root>/teacher-outputs/<key>/, a
+directory of memory-mapped arrays (fp16; a classifier's logits fp32) published
+like a stage cache entry (compress/cache.py: temporary directory, meta.json
+written last, rename, a file lock per key). Variable-length rows are stored per
+input, packed back to back with offsets, so how a later run groups inputs into
+batches does not matter.
 """
 
 from __future__ import annotations
@@ -254,12 +256,21 @@ def obtain_topk(source: TeacherSource | None, encoded: Sequence[Sequence[int]], 
 class TeacherOutputs:
     """A complete set of teacher targets for a list of inputs: pooled embedding
     [n, hidden], hidden states per input [len_i, hidden] for each target layer,
-    and optionally the two log-relations per input [heads, len_i, len_i]."""
+    optionally the two log-relations per input [heads, len_i, len_i], and for a
+    classifier its class logits [n, num_labels]. What a run's losses do not
+    need is not computed: pooled and logits may be None, states and relations empty."""
 
-    def __init__(self, pooled: np.ndarray, states: list[Packed], relations: list[Packed], heads: int,
-                 key: str | None = None, cached: bool = False, forwards: int = 0, path: Path | None = None):
+    def __init__(self, pooled: np.ndarray | None, states: list[Packed], relations: list[Packed], heads: int,
+                 key: str | None = None, cached: bool = False, forwards: int = 0, path: Path | None = None,
+                 logits: np.ndarray | None = None):
         self.pooled, self.states, self.relations, self.heads = pooled, states, relations, heads
+        self.logits = logits
         self.key, self.cached, self.forwards, self.path = key, cached, forwards, path
+
+    def layout(self) -> dict:
+        """What the entry holds, as its meta.json records it (open_entry reads it back)."""
+        return {"pooled": 0 if self.pooled is None else int(self.pooled.shape[-1]), "states": len(self.states),
+                "relations": len(self.relations), "logits": 0 if self.logits is None else int(self.logits.shape[-1])}
 
     def size_bytes(self) -> int:
         if self.path is None:
@@ -271,10 +282,12 @@ class TeacherOutputs:
 
     def batch(self, indices: Sequence[int], width: int):
         """Targets of these inputs padded to `width`, as float32 torch tensors:
-        (pooled [b, h], [states [b, width, h]], [relations [b, heads, width, width]])."""
+        (pooled [b, h] or None, [states [b, width, h]], [relations [b, heads, width, width]])."""
         import torch
 
-        pooled = torch.from_numpy(np.asarray(self.pooled[list(indices)], dtype=np.float32))
+        pooled = None
+        if self.pooled is not None:
+            pooled = torch.from_numpy(np.asarray(self.pooled[list(indices)], dtype=np.float32))
         states = []
         for packed in self.states:
             out = np.zeros((len(indices), width, packed.data.shape[-1]), dtype=np.float32)
@@ -292,30 +305,45 @@ class TeacherOutputs:
             relations.append(torch.from_numpy(out))
         return pooled, states, relations
 
+    def batch_logits(self, indices: Sequence[int]):
+        """The class logits of these inputs, [b, num_labels] float32 (as the teacher gave them)."""
+        import torch
 
-# run_batch(ids, mask) -> (pooled [b, h], [states [b, s, h]], [relations [b, heads, s, s]]) as torch tensors
+        return torch.from_numpy(np.asarray(self.logits[list(indices)], dtype=np.float32))
+
+
+# run_batch(ids, mask) -> (pooled [b, h] or None, [states [b, s, h]], [relations [b, heads, s, s]],
+# logits [b, num_labels] or None) as torch tensors
 RunBatch = Callable[[Any, Any], tuple]
 
 
 class _Writers:
-    """Where compute() puts each batch's outputs: the pooled array and one packed
-    writer per hidden state and relation, allocated (or, on the other ranks of a
-    sharded run, opened) once the output shapes are known."""
+    """Where compute() puts each batch's outputs: the pooled and logits arrays and
+    one packed writer per hidden state and relation, allocated (or, on the other
+    ranks of a sharded run, opened) once the output shapes are known."""
 
-    def __init__(self, directory: Path | None, n: int, lengths: list[int], heads: int, shapes: tuple[int, int, int],
+    def __init__(self, directory: Path | None, n: int, lengths: list[int], heads: int, shapes: dict,
                  mode: str = "w+"):
-        hidden, n_states, n_rel = shapes
         self.lengths = lengths
-        self.pooled = _alloc(directory, "pooled", (n, hidden), np.float16, mode)
-        self.states = [PackedWriter(directory, f"states_{k}", lengths, (hidden,), np.float16, mode)
-                       for k in range(n_states)]
+        self.pooled = self.logits = None
+        if shapes["pooled"]:
+            self.pooled = _alloc(directory, "pooled", (n, shapes["pooled"]), np.float16, mode)
+        if shapes["logits"]:
+            # Class logits stay fp32: the logit loss reads them as they are, and at
+            # num_labels floats per input full precision costs next to nothing.
+            self.logits = _alloc(directory, "logits", (n, shapes["logits"]), np.float32, mode)
+        self.states = [PackedWriter(directory, f"states_{k}", lengths, (shapes["hidden"],), np.float16, mode)
+                       for k in range(shapes["states"])]
         self.relations = [PackedWriter(directory, f"relations_{k}", [heads * m * m for m in lengths], (),
-                                       np.float16, mode) for k in range(n_rel)]
+                                       np.float16, mode) for k in range(shapes["relations"])]
 
-    def put(self, group: list[int], t_pooled, t_states, t_rel) -> None:
+    def put(self, group: list[int], t_pooled, t_states, t_rel, t_logits) -> None:
         lengths = self.lengths
         # fp16 halves the disk and memory of the targets at no cost in signal
-        self.pooled[group] = t_pooled.half().numpy()
+        if self.pooled is not None:
+            self.pooled[group] = t_pooled.half().numpy()
+        if self.logits is not None:
+            self.logits[group] = t_logits.float().numpy()
         for writer, batch in zip(self.states, t_states):
             batch = batch.half().numpy()
             for j, i in enumerate(group):
@@ -326,10 +354,11 @@ class _Writers:
                 writer.put(i, batch[j, :, :lengths[i], :lengths[i]].reshape(-1))
 
     def finish(self, directory: Path | None, heads: int, forwards: int) -> TeacherOutputs:
-        if isinstance(self.pooled, np.memmap):
-            self.pooled.flush()
+        for array in (self.pooled, self.logits):
+            if isinstance(array, np.memmap):
+                array.flush()
         return TeacherOutputs(self.pooled, [w.finish() for w in self.states], [w.finish() for w in self.relations],
-                              heads, forwards=forwards, path=directory)
+                              heads, forwards=forwards, path=directory, logits=self.logits)
 
 
 def compute(directory: Path | None, encoded: Sequence[Sequence[int]], pad_id: int, heads: int,
@@ -352,17 +381,20 @@ def compute(directory: Path | None, encoded: Sequence[Sequence[int]], pad_id: in
     return writers.finish(directory, heads, len(groups))
 
 
-def _shapes(out) -> tuple[int, int, int]:
-    t_pooled, t_states, t_rel = out
-    return int(t_pooled.shape[-1]), len(t_states), len(t_rel)
+def _shapes(out) -> dict:
+    """What one batch of run_batch's outputs says the entry will hold (widths; 0: absent)."""
+    t_pooled, t_states, t_rel, t_logits = out
+    return {"pooled": 0 if t_pooled is None else int(t_pooled.shape[-1]),
+            "hidden": int(t_states[0].shape[-1]) if t_states else 0, "states": len(t_states),
+            "relations": len(t_rel), "logits": 0 if t_logits is None else int(t_logits.shape[-1])}
 
 
 def compute_sharded(directory: Path, encoded: Sequence[Sequence[int]], pad_id: int, heads: int,
-                    runner: Callable[[], RunBatch], progress, desc: str) -> tuple[int, tuple[int, int]]:
+                    runner: Callable[[], RunBatch], progress, desc: str) -> tuple[int, dict]:
     """compute() split across the ranks of a distributed run: rank r runs the
     teacher on every world-th group of inputs from group r, and writes its rows
     into the one entry in `directory` (on a filesystem every rank sees).
-    Returns the teacher forwards this rank ran and the (states, relations) counts."""
+    Returns the teacher forwards this rank ran and the entry's layout (TeacherOutputs.layout)."""
     from compress import distributed
     from compress.distill import _batches, _pad
     from compress.errors import CompressError
@@ -394,9 +426,9 @@ def compute_sharded(directory: Path, encoded: Sequence[Sequence[int]], pad_id: i
         writers.put(group, *out)
         bar.update(1)
     bar.close()
-    writers.finish(directory, heads, len(mine))
+    layout = writers.finish(directory, heads, len(mine)).layout()
     distributed.barrier()  # every rank's rows are on disk
-    return len(mine), shapes[1:]
+    return len(mine), layout
 
 
 def _alloc(directory: Path | None, name: str, shape: tuple, dtype, mode: str = "w+") -> np.ndarray:
@@ -409,8 +441,10 @@ def open_entry(path: Path) -> TeacherOutputs:
     meta = json.loads((path / META_FILE).read_text())
     states = [Packed.open(path, f"states_{k}") for k in range(meta["states"])]
     relations = [Packed.open(path, f"relations_{k}") for k in range(meta["relations"])]
-    return TeacherOutputs(np.load(path / "pooled.npy", mmap_mode="r"), states, relations, meta["heads"],
-                          key=meta["key"], path=path)
+    # Entries written before classifier logits existed have no "pooled" field, and always a pooled array.
+    pooled = np.load(path / "pooled.npy", mmap_mode="r") if meta.get("pooled", 1) else None
+    logits = np.load(path / "logits.npy", mmap_mode="r") if meta.get("logits", 0) else None
+    return TeacherOutputs(pooled, states, relations, meta["heads"], key=meta["key"], path=path, logits=logits)
 
 
 def obtain(source: TeacherSource | None, encoded: Sequence[Sequence[int]], settings: dict, pad_id: int,
@@ -433,8 +467,8 @@ def obtain(source: TeacherSource | None, encoded: Sequence[Sequence[int]], setti
         outputs = compute(work, encoded, pad_id, heads, runner(), progress, desc)
         made["forwards"] = outputs.forwards
         meta = {"kind": "teacher-outputs", "key": key, "teacher": source.digest, "inputs": len(encoded),
-                "settings": settings, "version": VERSION, "states": len(outputs.states),
-                "relations": len(outputs.relations), "heads": heads, "forwards": outputs.forwards}
+                "settings": settings, "version": VERSION, **outputs.layout(), "heads": heads,
+                "forwards": outputs.forwards}
         (work / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks it complete
 
     path, hit = cache.produce(key, make)
@@ -468,12 +502,12 @@ def _obtain_sharded(cache: Cache, key: str, source: TeacherSource, encoded, sett
     if found is None:
         work = Path(work)
         try:
-            forwards, (n_states, n_rel) = compute_sharded(work, encoded, pad_id, heads, runner, progress, desc)
+            forwards, layout = compute_sharded(work, encoded, pad_id, heads, runner, progress, desc)
             total = sum(distributed.gather(forwards))
             if w.main:
                 meta = {"kind": "teacher-outputs", "key": key, "teacher": source.digest, "inputs": len(encoded),
-                        "settings": settings, "version": VERSION, "states": n_states, "relations": n_rel,
-                        "heads": heads, "forwards": total, "ranks": w.size}
+                        "settings": settings, "version": VERSION, **layout, "heads": heads, "forwards": total,
+                        "ranks": w.size}
                 (work / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks it complete
                 found = str(cache.publish(key, work))
         except BaseException:

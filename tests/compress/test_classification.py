@@ -149,6 +149,75 @@ def test_hard_labels_and_narrowing(teacher_dir, tmp_path):
     assert TorchClassifier(art.path, 64).embed(["a cat"]).shape == (1, 2)
 
 
+def test_teacher_outputs_are_cached_and_a_rebuild_does_not_run_the_teacher(teacher_dir, tmp_path, monkeypatch):
+    """The first distill stores the teacher's logits (and what feature and attention
+    read) in one entry; a fresh distill with the same settings, or another lr and
+    temperature, loads the teacher only to derive the student from, runs no
+    teacher forward and (same settings) trains the same student. Settings that
+    change the teacher's outputs make another entry, holding only what the losses read."""
+    import torch
+    from safetensors.torch import load_file
+
+    from compress import classify
+    from compress import teacher_cache as tc
+
+    real, loads, forwards = classify.load_hf_classifier, [], []
+
+    def load(path):
+        model = real(path)
+        loads.append(path)
+        emb = model.base_model.embeddings
+        # the student is a deep copy of the teacher, hook and all: count the teacher's own calls only
+        emb.register_forward_hook(lambda module, *_: forwards.append(1) if module is emb else None)
+        return model
+
+    monkeypatch.setattr(classify, "load_hf_classifier", load)
+    texts, _ = toy(100, seed=4)
+    cfg = DistillConfig(student=StudentConfig(layers=[1, 3], ffn=0), losses=["logit", "feature", "attention"],
+                        relation_heads=2, max_steps=4, batch_size=16, max_length=32, lr=2e-3)
+
+    def run(name: str, cfg: DistillConfig) -> tuple[Artifact, int, int]:
+        ctx = context(tmp_path / name, texts)
+        ctx.cache_root = tmp_path / "cache"
+        loads.clear()
+        forwards.clear()
+        art = classify.distill(artifact(teacher_dir), cfg, ctx)
+        return art, len(loads), len(forwards)
+
+    first, n_loads, n_forwards = run("first", cfg)
+    out = first.meta["teacher_outputs"]
+    # loaded to derive the student, then again to fill the entry: 100 inputs in teacher batches of 32
+    assert (n_loads, n_forwards, first.meta["teacher_forwards"]) == (2, 4, 4)
+    assert out["cached"] is False and out["bytes"] > 0
+    stored = tc.open_entry(tmp_path / "cache" / tc.DIRNAME / out["key"])
+    assert isinstance(stored.logits, np.memmap) and stored.logits.dtype == np.float32
+    assert stored.logits.shape == (100, 2) and stored.pooled.shape == (100, 32)
+    assert len(stored.states) == 2 and len(stored.relations) == 2
+    want = classify.TorchClassifier(teacher_dir, 32).embed(texts[:6])  # each input's logits, as the teacher gives them
+    np.testing.assert_allclose(stored.logits[:6], want, atol=1e-4)
+
+    again, n_loads, n_forwards = run("again", cfg)
+    assert (n_loads, n_forwards, again.meta["teacher_forwards"]) == (1, 0, 0)
+    assert again.meta["teacher_outputs"] == {**out, "cached": True}
+    a, b = load_file(str(first.path / "model.safetensors")), load_file(str(again.path / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    hotter, n_loads, n_forwards = run("hotter", cfg.model_copy(update={"temperature": 4.0, "lr": 1e-3, "alpha": 0.3}))
+    assert (n_loads, n_forwards) == (1, 0) and hotter.meta["teacher_outputs"]["key"] == out["key"]
+
+    keys = {out["key"]}
+    for change in ({"relation_heads": 4}, {"max_length": 16}, {"losses": ["logit"]}):
+        other, n_loads, n_forwards = run(str(len(keys)), cfg.model_copy(update=change))
+        assert (n_loads, n_forwards, other.meta["teacher_forwards"]) == (2, 4, 4), change
+        assert other.meta["teacher_outputs"]["cached"] is False
+        keys.add(other.meta["teacher_outputs"]["key"])
+    assert len(keys) == 4
+    logits_only = tc.open_entry(tmp_path / "cache" / tc.DIRNAME / other.meta["teacher_outputs"]["key"])
+    assert logits_only.pooled is None and logits_only.states == logits_only.relations == []
+    np.testing.assert_array_equal(logits_only.logits, stored.logits)  # the same teacher batches: the same logits
+    assert other.meta["teacher_outputs"]["bytes"] < 0.1 * out["bytes"]
+
+
 def test_export_gives_logits_matching_torch(distilled, tmp_path):
     import onnx
     import onnxruntime as ort
@@ -264,6 +333,12 @@ def test_build_reports_accuracy_retention(project):
     assert rep["stages"][1]["meta"]["outputs"] == {"logits": ["batch", 2]}
     assert rep["stages"][-1]["meta"]["precision"] == "int8"
     assert rep["summary"]["retention"]["eval"] > 0.8
+    distill = rep["stages"][0]["meta"]  # the teacher ran once per teacher batch, into the teacher-output cache
+    assert distill["teacher_forwards"] > 0 and distill["teacher_outputs"]["cached"] is False
+    entry = project / ".compress" / "cache" / "teacher-outputs" / distill["teacher_outputs"]["key"]
+    assert (entry / "logits.npy").is_file() and (entry / "states_1.npy").is_file()  # logit + feature
+    assert f"Teacher forward batches: distill {distill['teacher_forwards']}." in \
+        (project / "build" / "cpu" / "report.md").read_text()
     # the teacher alternatives run on a classifier too (torch eager loads its base model)
     assert {"student", "teacher-torch-fp32", "teacher-ort-fp32", "teacher-ort-int8"} <= set(rep["bench"]["models"])
 
@@ -339,3 +414,9 @@ def test_nproc_2_distils_a_classifier_like_one_process(project):
         assert q2["fidelity"]["cosine"] == pytest.approx(q1["fidelity"]["cosine"], abs=0.003)
         assert q2["fidelity"]["kl"] == pytest.approx(q1["fidelity"]["kl"], rel=0.5)
     assert two["summary"]["retention"]["eval"] > 0.8
+    # the teacher pass was sharded into one entry: both ranks, as many forwards as one process ran, the same logits
+    assert m2["teacher_outputs"]["key"] == m1["teacher_outputs"]["key"]  # the batch size is not part of the key
+    entry1, entry2 = (project / c / "teacher-outputs" / m1["teacher_outputs"]["key"] for c in ("c1", "c2"))
+    meta1, meta2 = (json.loads((e / "meta.json").read_text()) for e in (entry1, entry2))
+    assert meta2["ranks"] == 2 and meta2["forwards"] == meta1["forwards"] == m1["teacher_forwards"] > 0
+    assert np.array_equal(np.load(entry1 / "logits.npy"), np.load(entry2 / "logits.npy"))
