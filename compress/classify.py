@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compress import layouts
 from compress.artifact import Artifact, copy_tokenizer, seal
 from compress.encoders import Encoder, OnnxEncoder
 from compress.errors import SourceError
@@ -75,14 +76,39 @@ def load_hf_classifier(path: str | Path):
         raise SourceError(f"cannot load a sequence classifier from {path}: {first}; "
                           "point teacher.source at an AutoModelForSequenceClassification directory") from exc
     check_supported(model.base_model, path)
-    return model.eval()
+    check_head(model.eval(), path)
+    return model
+
+
+def check_head(model, where) -> None:
+    """One line when our classifier (layers run by layouts.run, then `head`) does not give
+    the model's own logits, e.g. a head compress does not know."""
+    import torch
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(min(5, vocab - 1), vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.inference_mode():
+        ours = make_classifier(model).eval()(ids, mask)
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+    diff = float((ours - theirs).abs().max()) if ours.shape == theirs.shape else float("inf")
+    if diff > 1e-3 * max(1.0, float(theirs.abs().max())):
+        raise SourceError(f"teacher {where}: {type(model).__name__}'s classification head is not one compress "
+                          f"knows (logits differ by {diff:.2g}); supported: BERT-style pooler, DistilBERT's "
+                          "pre_classifier and RoBERTa/ELECTRA-style heads")
 
 
 def head(model, hidden):
     """(logits, the vector the classifier reads). BERT: pooler(tanh(dense([CLS])))
-    -> linear; RoBERTa/ELECTRA-style heads read the sequence themselves."""
+    -> linear; DistilBERT: pre_classifier -> ReLU on [CLS] -> linear;
+    RoBERTa/ELECTRA/MPNet-style heads read the sequence themselves."""
     import torch
 
+    pre = getattr(model, "pre_classifier", None)
+    if pre is not None:  # DistilBertForSequenceClassification
+        pooled = torch.relu(pre(hidden[:, 0]))
+        return model.classifier(pooled), pooled
     pooler = getattr(model.base_model, "pooler", None)
     if pooler is not None and isinstance(model.classifier, torch.nn.Linear):
         pooled = pooler(hidden)
@@ -94,27 +120,20 @@ def make_classifier(model):
     """Wrap an HF sequence classifier as (input_ids, attention_mask) -> logits."""
     import torch
 
+    from compress import layouts
+
     class Classifier(torch.nn.Module):
-        """Logits, the head's input and every hidden state. The additive mask is
-        built here, as in the sentence encoder, so the graph exports with dynamic shapes."""
+        """Logits, the head's input and every hidden state. The layers run in
+        layouts.run (additive mask built there), as in the sentence encoder, so the
+        graph exports with dynamic shapes."""
 
         def __init__(self, clf):
             super().__init__()
             self.clf = clf
 
         def encode(self, input_ids, attention_mask):
-            base = self.clf.base_model
-            token_type_ids = torch.zeros_like(input_ids)
-            hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-            keep = attention_mask[:, None, None, :].to(hidden.dtype)
-            additive = (1.0 - keep) * -10000.0
-            states = [hidden]
-            for layer in base.encoder.layer:
-                hidden = layer(hidden, attention_mask=additive)
-                if isinstance(hidden, tuple):
-                    hidden = hidden[0]
-                states.append(hidden)
-            logits, pooled = head(self.clf, hidden)
+            states = layouts.run(self.clf.base_model, input_ids, attention_mask)
+            logits, pooled = head(self.clf, states[-1])
             return logits, pooled, states
 
         def forward(self, input_ids, attention_mask):
@@ -164,7 +183,7 @@ def classifier_step(s_clf, relation_heads: int):
 
         def forward(self, ids, mask):
             logits, pooled, states = self.s_clf.encode(ids, mask)
-            rel = (relations(self.s_clf.clf.base_model.encoder.layer[-1], states[-2], mask, self.relation_heads)
+            rel = (relations(layouts.blocks(self.s_clf.clf.base_model)[-1], states[-2], mask, self.relation_heads)
                    if self.relation_heads else ())
             return logits, pooled, states, rel
 
@@ -290,7 +309,7 @@ def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: Disti
             raise CacheError(f"{desc}: teacher outputs are not cached under {getattr(source, 'cache_root', None)} "
                              "and no teacher model was given; pass the teacher model to classify.train()")
         t_clf = make_classifier(model).eval()
-        last = model.base_model.encoder.layer[layers[-1]]
+        last = layouts.blocks(model.base_model)[layers[-1]]
 
         def run(ids, mask):
             with torch.inference_mode():

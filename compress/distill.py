@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
+from compress import layouts
 from compress.artifact import Artifact, copy_tokenizer, seal
 from compress.recipe import DistillConfig, PruneConfig
 
@@ -185,7 +186,7 @@ def train(student, teacher, layers: list[int], texts: list[str], tokenizer, cfg:
 
     use_self = "self" in cfg.losses and (cfg.self_mode == "deep-to-shallow" or previous is not None)
     outputs = teacher_outputs(teacher, layers, encoded, pad_id, cfg, source, progress, desc)
-    lifts = state_lifts(student, len(student.encoder.layer)) if use_feature else None
+    lifts = state_lifts(student, len(layouts.blocks(student))) if use_feature else None
     trainee = student_step(s_enc, cfg.relation_heads if use_attention else 0, lifts)
     opt, sched = optimizer(trainee, total, cfg.lr, cfg.weight_decay, cfg.warmup)  # the student and its lifts
     step_fn = distributed.wrap(trainee)
@@ -276,7 +277,7 @@ def student_step(s_enc, relation_heads: int, lifts=None):
 
         def forward(self, ids, mask):
             _, pooled, states = self.s_enc.encode(ids, mask)
-            rel = (relations(self.s_enc.encoder.encoder.layer[-1], states[-2], mask, self.relation_heads)
+            rel = (relations(layouts.blocks(self.s_enc.encoder)[-1], states[-2], mask, self.relation_heads)
                    if self.relation_heads else ())
             return pooled, states, rel, lifted(states[1:], self.lifts)
 
@@ -311,7 +312,7 @@ def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: Disti
         def run(ids, mask):
             with torch.inference_mode():
                 _, pooled, states = t_enc.encode(ids, mask)
-                rel = (relations(model.encoder.layer[layers[-1]], states[layers[-1]], mask, cfg.relation_heads)
+                rel = (relations(layouts.blocks(model)[layers[-1]], states[layers[-1]], mask, cfg.relation_heads)
                        if use_attention else ())
             return pooled, [states[j] for j in targets], list(rel), None  # an encoder has no class logits
 
@@ -328,8 +329,8 @@ def relations(layer, hidden, mask, heads: int):
     with other head counts (or pruned heads) match the teacher."""
     import torch
 
-    att = layer.attention.self
-    q, k, v = att.query(hidden), att.key(hidden), att.value(hidden)
+    lin = layouts.linears(layer)
+    q, k, v = lin["query"](hidden), lin["key"](hidden), lin["value"](hidden)
     b, s, width = q.shape
     if width % heads:
         from compress.errors import RecipeError

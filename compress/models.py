@@ -38,22 +38,24 @@ def load_hf_encoder(path: str | Path):
 
 
 def check_supported(model, where) -> None:
-    if not (hasattr(model, "embeddings") and hasattr(model, "encoder")
-            and hasattr(model.encoder, "layer")):
-        raise SourceError(f"teacher {where} is a {type(model).__name__}; compress distills "
-                          "BERT-family encoders (embeddings + encoder.layer) for task embedding")
+    """One line when compress cannot run this encoder's layers (compress/layouts.py)."""
+    from compress import layouts
+
+    layouts.check(model, where)
 
 
 def make_sentence_encoder(model):
-    """Wrap an HF BERT-family model as (input_ids, attention_mask) -> embedding."""
+    """Wrap an HF encoder (a family compress/layouts.py knows) as (input_ids, attention_mask) -> embedding."""
     import torch
     import torch.nn.functional as F
+
+    from compress import layouts
 
     class SentenceEncoder(torch.nn.Module):
         """Mean-pooled, L2-normalised sentence embedding, plus every hidden state.
 
-        The additive attention mask is built here rather than by transformers'
-        masking utilities, which trace to shape-specialised ONNX graphs.
+        The layers run in layouts.run, with an additive attention mask built there rather
+        than by transformers' masking utilities, which trace to shape-specialised ONNX graphs.
         """
 
         def __init__(self, encoder):
@@ -64,16 +66,8 @@ def make_sentence_encoder(model):
             self.projection = projection_of(encoder)
 
         def encode(self, input_ids, attention_mask):
-            token_type_ids = torch.zeros_like(input_ids)
-            hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-            keep = attention_mask[:, None, None, :].to(hidden.dtype)
-            additive = (1.0 - keep) * -10000.0
-            states = [hidden]
-            for layer in self.encoder.encoder.layer:
-                hidden = layer(hidden, attention_mask=additive)
-                if isinstance(hidden, tuple):  # older transformers return tuples
-                    hidden = hidden[0]
-                states.append(hidden)
+            states = layouts.run(self.encoder, input_ids, attention_mask)
+            hidden = states[-1]
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             if self.projection is not None:
@@ -99,7 +93,7 @@ def derive_student(teacher, layers: list[int]):
     """A student with the teacher's embeddings and the chosen layers, copied."""
     import copy
 
-    import torch
+    from compress import layouts
 
     n = teacher.config.num_hidden_layers
     bad = [i for i in layers if not 0 <= i < n]
@@ -108,8 +102,7 @@ def derive_student(teacher, layers: list[int]):
         raise RecipeError(f"stages.distill.student.layers {layers} is not a non-empty list of "
                           f"teacher layer indices in 0..{n - 1}; pick e.g. {every_other_layer(n)}")
     student = copy.deepcopy(teacher)
-    student.encoder.layer = torch.nn.ModuleList([copy.deepcopy(teacher.encoder.layer[i]) for i in layers])
-    student.config.num_hidden_layers = len(layers)
+    layouts.set_blocks(student, [copy.deepcopy(layouts.blocks(teacher)[i]) for i in layers])
     return student
 
 
@@ -213,60 +206,63 @@ def narrow_hidden(model, hidden: int):
     import torch
     from transformers import AutoModel
 
-    from compress.prune import head_scores, num_heads
+    from compress import layouts
+    from compress.prune import head_scores
 
+    layouts.check_heads_prunable(model, "stages.distill.student.hidden")
     width = model.config.hidden_size
-    head_dim = model.encoder.layer[0].attention.self.attention_head_size
+    layers = layouts.blocks(model)
+    head_dim = layouts.head_size(layers[0])
     if hidden >= width or hidden % head_dim:
         raise RecipeError(f"stages.distill.student.hidden {hidden} must be a multiple of the teacher's head size "
                           f"{head_dim} below its hidden size {width}; pick one of "
                           f"{list(range(head_dim, width, head_dim)) or 'none (the teacher has one head)'}")
     if projection_of(model) is not None or width != model.embeddings.word_embeddings.weight.shape[1]:
         raise RecipeError("stages.distill.student.hidden: the teacher is itself a narrowed student or has a "
-                          "separate embedding width; distill from a standard BERT-family teacher")
+                          "separate embedding width; distill from a standard encoder teacher")
     heads = hidden // head_dim
-    few = [i for i, layer in enumerate(model.encoder.layer) if num_heads(layer) < heads]
+    few = [i for i, layer in enumerate(layers) if layouts.num_heads(layer) < heads]
     if few:
         raise RecipeError(f"stages.distill.student.hidden {hidden} keeps {heads} heads of {head_dim} dims, but "
                           f"teacher layers {few} have fewer; pick a smaller hidden")
     dims = _top(residual_scores(model), hidden)
     rows = []  # per layer: the Q/K/V rows (and attention-output columns) of the kept heads
-    for layer in model.encoder.layer:
+    for layer in layers:
         kept = _top(head_scores(layer, "magnitude"), heads)
         rows.append(torch.tensor([h * head_dim + j for h in kept for j in range(head_dim)]))
 
     config = type(model.config).from_dict(model.config.to_dict())
     config.hidden_size, config.num_attention_heads = hidden, heads
     student = AutoModel.from_config(config, attn_implementation="eager")
-    student.load_state_dict(_sliced(model.state_dict(), student.state_dict(), torch.tensor(dims), rows), strict=True)
+    student.load_state_dict(_sliced(model.state_dict(), student.state_dict(), torch.tensor(dims), rows,
+                                    layouts.of(model), width), strict=True)
     attach_projection(student, selection_projection(dims, width))
     return student.eval()
 
 
-def _sliced(old: dict, new: dict, r, rows: list) -> dict:
+def _sliced(old: dict, new: dict, r, rows: list, layout, width: int) -> dict:
     """`old`'s tensors cut to `new`'s shapes: r = kept residual dims, rows[i] =
-    layer i's kept attention rows."""
+    layer i's kept attention rows; which Linear plays which role comes from the layout."""
+    roles = {f"{layout.blocks}.{i}.{path}": (role, a)
+             for i, a in enumerate(rows) for role, path in layout.linears.items()}
     out = {}
     for name, target in new.items():
         t = old[name]
-        parts = name.split(".")
-        if "layer" in parts and "encoder" in parts:
-            a = rows[int(parts[parts.index("layer") + 1])]
-        if name.endswith(("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")):
-            t = t[a][:, r]
-        elif name.endswith(("attention.self.query.bias", "attention.self.key.bias", "attention.self.value.bias")):
-            t = t[a]
-        elif name.endswith("attention.output.dense.weight"):
+        module, _, kind = name.rpartition(".")
+        role, a = roles.get(module, (None, None))
+        if role in ("query", "key", "value"):
+            t = t[a][:, r] if kind == "weight" else t[a]
+        elif role == "attention_output" and kind == "weight":
             t = t[r][:, a]
-        elif name.endswith("intermediate.dense.weight") or name.endswith("_embeddings.weight"):
+        elif (role == "ffn_in" and kind == "weight") or name.endswith("_embeddings.weight"):
             t = t[:, r]
         elif name.endswith("pooler.dense.weight"):
             t = t[r][:, r]
-        elif t.shape != target.shape and t.ndim >= 1 and t.shape[0] == old["embeddings.LayerNorm.weight"].shape[0]:
+        elif t.shape != target.shape and t.ndim >= 1 and t.shape[0] == width:
             t = t[r]  # LayerNorms, output.dense rows and every bias of the residual stream
         if t.shape != target.shape:
             raise RecipeError(f"stages.distill.student.hidden: cannot slice {name} {tuple(old[name].shape)} to "
-                              f"{tuple(target.shape)} (not a BERT-family layout); leave hidden unset")
+                              f"{tuple(target.shape)} (an unknown layout); leave hidden unset")
         out[name] = t.clone()
     return out
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from compress import layouts
 from compress.artifact import Artifact, copy_tokenizer, seal
 from compress.errors import RecipeError
 from compress.recipe import DistillConfig, PruneConfig, SparsityConfig
@@ -28,37 +29,36 @@ PLAN_FILE = "pruning.json"
 
 
 def head_slices(layer, head: int) -> slice:
-    size = layer.attention.self.attention_head_size
+    size = layouts.head_size(layer)
     return slice(head * size, (head + 1) * size)
 
 
 def num_heads(layer) -> int:
-    return layer.attention.self.query.out_features // layer.attention.self.attention_head_size
+    return layouts.num_heads(layer)
 
 
 def head_scores(layer, kind: str):
     """One score per head: Taylor (needs .grad) or L2 magnitude, over Q, K, V rows and O columns."""
     import torch
 
-    att = layer.attention
+    lin = layouts.linears(layer)
     scores = []
     for h in range(num_heads(layer)):
         sl = head_slices(layer, h)
-        parts = [(att.self.query.weight, (sl, slice(None))), (att.self.key.weight, (sl, slice(None))),
-                 (att.self.value.weight, (sl, slice(None))), (att.output.dense.weight, (slice(None), sl))]
+        parts = [(lin["query"].weight, (sl, slice(None))), (lin["key"].weight, (sl, slice(None))),
+                 (lin["value"].weight, (sl, slice(None))), (lin["attention_output"].weight, (slice(None), sl))]
         scores.append(_score(parts, kind))
     return torch.stack(scores)
 
 
 def ffn_scores(layer, kind: str):
-    """One score per intermediate neuron: its row of intermediate.dense and column of output.dense."""
-    import torch
-
-    w_in, w_out = layer.intermediate.dense.weight, layer.output.dense.weight
+    """One score per intermediate neuron: its row of the FFN's input Linear and column of its output Linear."""
+    ffn_in = layouts.linear(layer, "ffn_in")
+    w_in, w_out = ffn_in.weight, layouts.linear(layer, "ffn_out").weight
     if kind == "magnitude":
         return w_in.detach().pow(2).sum(1) + w_out.detach().pow(2).sum(0)
     return ((w_in.grad * w_in.detach()).sum(1) + (w_out.grad * w_out.detach()).sum(0)).abs() \
-        + (layer.intermediate.dense.bias.grad * layer.intermediate.dense.bias.detach()).abs()
+        + (ffn_in.bias.grad * ffn_in.bias.detach()).abs()
 
 
 def _score(parts, kind: str):
@@ -104,10 +104,8 @@ def _linear_cols(linear, cols: list[int]):
 
 def keep_layers(model, kept: list[int]) -> None:
     """Keep only these encoder layers, in order (the config follows, so save_pretrained records it)."""
-    import torch
-
-    model.encoder.layer = torch.nn.ModuleList([model.encoder.layer[i] for i in kept])
-    model.config.num_hidden_layers = len(kept)
+    full = layouts.blocks(model)
+    layouts.set_blocks(model, [full[i] for i in kept])
 
 
 def apply_plan(model, plan: dict) -> None:
@@ -116,23 +114,23 @@ def apply_plan(model, plan: dict) -> None:
     Works on trained weights (prune) and on a fresh model before loading weights (reload);
     a reloaded model already has only the kept layers (config.json says how many)."""
     kept = plan.get("layers")
-    if kept is not None and len(kept) < len(model.encoder.layer):
+    if kept is not None and len(kept) < len(layouts.blocks(model)):
         keep_layers(model, kept)
-    for i, layer in enumerate(model.encoder.layer):
+    for i, layer in enumerate(layouts.blocks(model)):
+        lin = layouts.linears(layer)
         heads = plan.get("heads", {}).get(str(i))
         if heads is not None and len(heads) < num_heads(layer):
-            size = layer.attention.self.attention_head_size
+            layouts.check_heads_prunable(model, "stages.prune.heads")
+            size = layouts.head_size(layer)
             rows = [h * size + j for h in heads for j in range(size)]
-            sa = layer.attention.self
-            sa.query, sa.key, sa.value = (_linear_rows(sa.query, rows), _linear_rows(sa.key, rows),
-                                          _linear_rows(sa.value, rows))
-            sa.num_attention_heads = len(heads)
-            sa.all_head_size = len(rows)
-            layer.attention.output.dense = _linear_cols(layer.attention.output.dense, rows)
+            for role in ("query", "key", "value"):
+                layouts.set_linear(layer, role, _linear_rows(lin[role], rows))
+            layouts.set_linear(layer, "attention_output", _linear_cols(lin["attention_output"], rows))
+            layouts.set_heads(layer, len(heads))
         neurons = plan.get("ffn", {}).get(str(i))
-        if neurons is not None and len(neurons) < layer.intermediate.dense.out_features:
-            layer.intermediate.dense = _linear_rows(layer.intermediate.dense, neurons)
-            layer.output.dense = _linear_cols(layer.output.dense, neurons)
+        if neurons is not None and len(neurons) < lin["ffn_in"].out_features:
+            layouts.set_linear(layer, "ffn_in", _linear_rows(lin["ffn_in"], neurons))
+            layouts.set_linear(layer, "ffn_out", _linear_cols(lin["ffn_out"], neurons))
 
 
 def load_pruned(path: Path):
@@ -169,7 +167,7 @@ def importance(student, teacher, layers, texts, tokenizer, cfg: PruneConfig):
     s_enc, t_enc = make_sentence_encoder(student), make_sentence_encoder(teacher).eval()
     student.zero_grad(set_to_none=True)
     kd = DistillConfig()
-    lifts = state_lifts(student, len(student.encoder.layer))
+    lifts = state_lifts(student, len(layouts.blocks(student)))
     for ids, mask in sample_batches(texts, tokenizer, cfg):
         with torch.inference_mode():
             _, t_pooled, t_states = t_enc.encode(ids, mask)
@@ -183,14 +181,12 @@ def importance(student, teacher, layers, texts, tokenizer, cfg: PruneConfig):
 def only_layers(model, kept: list[int]):
     """Run the model through these layers only; the others are skipped (the residual
     stream passes them unchanged), and restored on exit."""
-    import torch
-
-    full = model.encoder.layer
-    model.encoder.layer = torch.nn.ModuleList([full[i] for i in kept])
+    full = list(layouts.blocks(model))
+    layouts.set_blocks(model, [full[i] for i in kept])
     try:
         yield model
     finally:
-        model.encoder.layer = full
+        layouts.set_blocks(model, full)
 
 
 def skip_loss(student, teacher, layers, texts, tokenizer, cfg: PruneConfig) -> Callable[[list[int]], float]:
@@ -207,7 +203,7 @@ def skip_loss(student, teacher, layers, texts, tokenizer, cfg: PruneConfig) -> C
     from compress.models import make_sentence_encoder
 
     s_enc, t_enc = make_sentence_encoder(student).eval(), make_sentence_encoder(teacher).eval()
-    lifts = state_lifts(student, len(student.encoder.layer))
+    lifts = state_lifts(student, len(layouts.blocks(student)))
     cached = []
     for ids, mask in sample_batches(texts, tokenizer, cfg):
         with torch.inference_mode():
@@ -241,7 +237,7 @@ def least_important_layers(num_layers: int, count: int, loss: Callable[[list[int
 
 def layers_to_remove(student, teacher, layers, texts, tokenizer, cfg: PruneConfig) -> list[int]:
     """Student layer indices to remove, from cfg.layers (a count or explicit indices)."""
-    n = len(student.encoder.layer)
+    n = len(layouts.blocks(student))
     if cfg.layers is None or cfg.layers == 0 or cfg.layers == []:
         return []
     if isinstance(cfg.layers, list):
@@ -267,10 +263,8 @@ LINEARS = {
 
 
 def layer_linears(layer) -> dict:
-    """A BERT layer's six Linears by the names the report uses."""
-    return {"query": layer.attention.self.query, "key": layer.attention.self.key,
-            "value": layer.attention.self.value, "attention_output": layer.attention.output.dense,
-            "ffn_in": layer.intermediate.dense, "ffn_out": layer.output.dense}
+    """A layer's six Linears by the names the report uses."""
+    return layouts.linears(layer)
 
 
 def unstructured_mask(weight, amount: float):
@@ -311,7 +305,7 @@ def sparsify(model, cfg: SparsityConfig) -> list[tuple]:
         return []
     make = MASKS[cfg.pattern]
     masked = []
-    for layer in model.encoder.layer:
+    for layer in layouts.blocks(model):
         linears = layer_linears(layer)
         for kind in cfg.linears:
             for name in LINEARS[kind]:
@@ -339,7 +333,7 @@ def sparsity_stats(model, cfg: SparsityConfig) -> dict:
     per_layer = []
     zeros = total = 0
     selected = {name for kind in cfg.linears for name in LINEARS[kind]}
-    for layer in model.encoder.layer:
+    for layer in layouts.blocks(model):
         row = {}
         for name, linear in layer_linears(layer).items():
             w = linear.weight.detach()
@@ -367,7 +361,7 @@ SPEEDUP = {
 def make_plan(model, heads: float, ffn: float, kind: str) -> dict:
     """What to keep in every layer, from the scores (Taylor needs .grad filled)."""
     plan: dict = {"heads": {}, "ffn": {}}
-    for i, layer in enumerate(model.encoder.layer):
+    for i, layer in enumerate(layouts.blocks(model)):
         if heads > 0:
             plan["heads"][str(i)] = keep_top(head_scores(layer, kind), heads)
         if ffn > 0:
@@ -400,9 +394,10 @@ def compose(first: dict, second: dict) -> dict:
 
 def structure(model) -> dict:
     """Heads and FFN neurons per layer and the hidden (residual stream) width, for reports."""
+    layers = layouts.blocks(model)
     return {"hidden": model.config.hidden_size,
-            "heads": [num_heads(layer) for layer in model.encoder.layer],
-            "ffn": [layer.intermediate.dense.out_features for layer in model.encoder.layer]}
+            "heads": [num_heads(layer) for layer in layers],
+            "ffn": [layouts.linear(layer, "ffn_in").out_features for layer in layers]}
 
 
 def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
@@ -413,6 +408,8 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     from compress.teacher_cache import TeacherSource
 
     student = load_hf_encoder(src.path)
+    if cfg.heads > 0:
+        layouts.check_heads_prunable(student, "stages.prune.heads")
     # Taylor importance and ranking layers by their skip loss run the teacher; recovery
     # reads its outputs from the teacher-output cache and loads the model only if they are not there.
     ranks_layers = isinstance(cfg.layers, int) and cfg.layers > 0
@@ -426,7 +423,7 @@ def prune(src: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     ranks_here = distributed.world().main or not distributed.collective()
     removed = layers_to_remove(student, teacher, layers, ctx.train_texts, tokenizer, cfg) if ranks_here else None
     removed = distributed.broadcast(removed) if distributed.collective() else removed
-    kept_layers = [i for i in range(len(student.encoder.layer)) if i not in removed]
+    kept_layers = [i for i in range(len(layouts.blocks(student))) if i not in removed]
     if removed:
         keep_layers(student, kept_layers)
         layers = [layers[i] for i in kept_layers]  # student layer i still learns the same teacher layer

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compress import layouts
 from compress.artifact import Artifact
 from compress.errors import StageError
 from compress.recipe import DistillConfig, QuantizeConfig
@@ -161,7 +162,7 @@ def wrap_linears(model, cfg: QuantizeConfig, lr: float) -> list:
     # s8s8 on AVX2 runs the same kernel after shifting activations to u8.
     weight_max = 63 if cfg.qat_reduce_range else 127
     wrappers = []
-    for layer in model.encoder.layer:
+    for layer in layouts.blocks(model):
         for name, module in list(layer.named_modules()):
             for child_name, child in list(module.named_children()):
                 if type(child) is torch.nn.Linear:
@@ -199,7 +200,7 @@ def calibrate(model, wrappers: list, texts: list[str], tokenizer, length: int) -
 def _layer_map(student_art: Artifact, student, teacher) -> list[int]:
     """Which teacher layer each student layer learns from."""
     layers = student_art.meta.get("layers")
-    n_s, n_t = len(student.encoder.layer), len(teacher.encoder.layer)
+    n_s, n_t = len(layouts.blocks(student)), len(layouts.blocks(teacher))
     if layers is None and n_s == n_t:
         layers = list(range(n_t))  # the teacher itself is being quantized
     if layers is None or len(layers) != n_s or any(not 0 <= i < n_t for i in layers):
