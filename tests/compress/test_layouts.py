@@ -208,10 +208,14 @@ def test_distilbert_teacher_builds_end_to_end(tmp_path):
     recipe = tiny_recipe(teacher, quantize="{mode: dynamic}", distill=(
         "{epochs: 1, batch_size: 16, max_length: 32, student: {layers: [0, 2], ffn: 0.5}}"))
     (project / "compress.yaml").write_text(recipe)
-    done = run_cli("build", "--target", "cpu", "--no-bench", cwd=project)
+    done = run_cli("build", "-r", "compress.yaml", "-o", "build", "--cache", "cache", "--target", "cpu",
+                   "--no-bench", cwd=project)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((project / "build" / "cpu" / "report.json").read_text())
-    distill = next(s for s in report["stages"] if s["name"] == "distill")
-    assert distill["meta"]["structure"]["ffn"] == [32, 32]
-    assert distill["meta"]["params"] < distill["meta"]["teacher_params"]
+    assert [s["stage"] for s in report["stages"]] == ["distill", "export", "quantize", "target cpu"]
+    meta = {s["stage"]: s["meta"] for s in report["stages"]}
+    assert meta["distill"]["structure"]["ffn"] == [32, 32] and meta["distill"]["num_layers"] == 2
+    assert meta["distill"]["params"] < meta["distill"]["teacher_params"]
+    assert meta["distill"]["steps"] == 12  # 180 train inputs in batches of 16
+    assert meta["export"]["validation"]["random"]["max_abs_diff"] < 1e-3
     assert (project / "build" / "cpu" / "model.onnx").is_file()
