@@ -175,6 +175,12 @@ def load_inputs(recipe: Recipe) -> Inputs:
     return Inputs(train, heldout, eval_sets, calibration, digests)
 
 
+def image_shape(inputs: Inputs) -> list[int] | None:
+    """[c, h, w] of the train images (task image-classification), which an hf: teacher takes."""
+    pixels = getattr(inputs.train, "pixels", None)
+    return list(pixels.shape[1:]) if pixels is not None else None
+
+
 def preflight(recipe: Recipe, targets: list[str]):
     """Everything that can be wrong with the request, found before any work."""
     from compress import sources
@@ -330,7 +336,8 @@ class Builder:
             distributed.check_recipe(self.recipe)
         self.inputs = load_inputs(self.recipe)
         self.teacher = sources.teacher_artifact(self.recipe.teacher.source, self.recipe.teacher.tokenizer,
-                                                self.cache, self.recipe.task, echo=self.opts.echo)
+                                                self.cache, self.recipe.task, echo=self.opts.echo,
+                                                image_shape=image_shape(self.inputs))
         src = self.teacher
         auto = None
         # Ranks other than the main one only help train; they stop after the last training stage.
@@ -808,7 +815,8 @@ def bench_build_dir(build_dir: Path, cache_root: Path, runs: int | None = None, 
     b = recipe.bench
     builder = Builder(recipe, BuildOptions(targets=[report["target"]], cache_root=cache_root, progress=False, echo=echo))
     builder.inputs = load_inputs(recipe)
-    builder.teacher = sources.teacher_artifact(recipe.teacher.source, recipe.teacher.tokenizer, builder.cache, recipe.task)
+    builder.teacher = sources.teacher_artifact(recipe.teacher.source, recipe.teacher.tokenizer, builder.cache, recipe.task,
+                                               image_shape=image_shape(builder.inputs))
     files = tuple(str(p) for p in sorted(build_dir.iterdir())
                   if p.is_file() and p.name not in ("report.json", "report.md", "provenance.json"))
     models = [bench.BenchModel("student", "onnx", str(build_dir / "model.onnx"), files)]

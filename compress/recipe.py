@@ -21,13 +21,13 @@ class Frozen(BaseModel):
 
 
 class TeacherConfig(Frozen):
-    source: str = Field("example:minilm", description="hf:<dir> | example:minilm | onnx:<file> (ONNX teachers are eval-only: no distill); causal-lm: hf:<dir> of an AutoModelForCausalLM (GPT-2 or Llama family); image-classification: example:efficientnet-lite0-fashion | an image model directory (config.json + model.safetensors, see compress.vision.save_model)")
+    source: str = Field("example:minilm", description="hf:<dir> | example:minilm | onnx:<file> (ONNX teachers are eval-only: no distill); causal-lm: hf:<dir> of an AutoModelForCausalLM (GPT-2 or Llama family); image-classification: example:efficientnet-lite0-fashion | hf:<dir> of any AutoModelForImageClassification (ResNet, ConvNeXt, MobileNetV2, EfficientNet, ViT, ...; its preprocessor_config.json gives size, mean and std) | an MBConv model directory (config.json + model.safetensors, see compress.vision.save_model)")
     tokenizer: str | None = Field(None, description="Tokenizer directory; needed for onnx: teachers, otherwise the teacher's own")
     max_length: int = Field(256, ge=8, le=4096, description="Longest input in tokens; longer inputs are truncated")
 
 
 class DataSource(Frozen):
-    source: str = Field(description="example:<name> | a .txt file (one input per line) | a .jsonl file (with `field`); image-classification: example:fashion-mnist-train | example:fashion-mnist-test | a .npz with images (uint8 [n, h, w(, c)]) and labels")
+    source: str = Field(description="example:<name> | a .txt file (one input per line) | a .jsonl file (with `field`); image-classification: example:fashion-mnist-train | example:fashion-mnist-test | a .npz with images (uint8 [n, h, w(, c)]), labels and optionally classes (names in id order, checked against the teacher's id2label)")
     field: str | None = Field(None, description="JSONL: the key holding the text")
     samples: int | None = Field(None, ge=1, description="Use at most this many inputs (the first ones)")
     label_field: str | None = Field(None, description="classification, JSONL: the key holding the label (an int, or a name in the teacher's config.label2id); .tsv/.csv rows are text<TAB>label")
@@ -47,11 +47,11 @@ class DataConfig(Frozen):
 
 
 class StudentConfig(Frozen):
-    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last); with config: the teacher layer each student layer learns, one per student layer (default: evenly spaced, ending with the last); image-classification: teacher MBConv blocks kept (default: every block that changes shape and every other residual block)")
+    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last); with config: the teacher layer each student layer learns, one per student layer (default: evenly spaced, ending with the last); image-classification: teacher blocks kept, numbered over every container of blocks (MBConv: its blocks; hf: the ModuleList/Sequential children a probe forward finds droppable, see the distill meta's structure); only residual blocks (same output shape as input, a skip connection) can go (default: MBConv every block that changes shape and every other residual block; hf: per stage its first block and every other one after it)")
     ffn: float = Field(0.35, ge=0, lt=1, description="Share of FFN neurons removed from every kept layer before training (Taylor-ranked)")
     heads: float = Field(0.0, ge=0, lt=1, description="Share of attention heads removed from every kept layer before training")
     hidden: int | None = Field(None, ge=1, description="task embedding: the student's hidden (residual stream) width, a multiple of the teacher's head size below its hidden size (default: the teacher's). Kept dimensions and whole heads are chosen by weight magnitude and sliced from the teacher; a learned Linear(hidden -> teacher hidden) on the pooled output keeps embeddings in the teacher's space and is exported with the model")
-    channels: float = Field(0.5, ge=0, lt=1, description="image-classification: share of the expanded channels of every kept MBConv block, and of the head's channels, removed before training (smallest |BN scale| x L1 weight norm first); block outputs keep the teacher's widths")
+    channels: float = Field(0.5, ge=0, lt=1, description="image-classification with an MBConv teacher: share of the expanded channels of every kept MBConv block, and of the head's channels, removed before training (smallest |BN scale| x L1 weight norm first); block outputs keep the teacher's widths. Not applied to hf: teachers (any other value than the default or 0 is an error)")
     config: dict[str, Any] | str | None = Field(None, description="task embedding: the student given as a Hugging Face config instead of derived: a mapping of fields overriding the teacher's config (e.g. {num_hidden_layers: 4, hidden_size: 256, num_attention_heads: 4, intermediate_size: 1024}) or the path of a config.json; a model of the teacher's type, randomly initialised except its embeddings (the teacher's, at the residual dimensions student.hidden would keep). Not with hidden, heads or ffn; layers, if given, has one teacher layer per student layer (default: evenly spaced, ending with the last). A narrower student gets the output projection as with hidden")
 
     @field_validator("config", mode="before")
@@ -84,7 +84,7 @@ class StudentConfig(Frozen):
 
 class DistillConfig(Frozen):
     student: StudentConfig = Field(StudentConfig(), description="How the student is derived from the teacher, or given as a config (student.config)")
-    losses: list[Literal["feature", "attention", "logit", "self"]] = Field(["feature"], min_length=1, description="Distillation losses: feature (pooled embedding + hidden states, relative MSE + cosine), attention (MiniLM-v2 self-attention relations of the last layer, KL), logit (classification: Hinton's KL of temperature-softened class distributions, times T^2), self (self-distillation, see self_mode; with feature and/or attention, which bring the teacher). The teacher outputs these read are computed once per teacher, train inputs, max_length, layers and relation settings and kept in the teacher-output cache, so changing only lr, epochs, temperature, alpha or the weights reruns no teacher forward")
+    losses: list[Literal["feature", "attention", "logit", "self"]] = Field(["feature"], min_length=1, description="Distillation losses: feature (pooled embedding + hidden states, relative MSE + cosine), attention (MiniLM-v2 self-attention relations of the last layer, KL), logit (classification: Hinton's KL of temperature-softened class distributions, times T^2), self (self-distillation, see self_mode; with feature and/or attention, which bring the teacher); image-classification: feature is each kept MBConv block's output, or for an hf: teacher the pooled features its classifier reads. The teacher outputs these read are computed once per teacher, train inputs, max_length, layers and relation settings and kept in the teacher-output cache, so changing only lr, epochs, temperature, alpha or the weights reruns no teacher forward")
     self_mode: Literal["born-again", "deep-to-shallow"] = Field("born-again", description="self: born-again (after the first generation, each generation starts from a trained copy of the student and learns from the teacher and from that frozen copy) or deep-to-shallow (every shallower layer's mean-pooled state learns the student's own final embedding)")
     generations: int | None = Field(None, ge=1, le=8, description="self, born-again: student generations trained one after the other (default 2; 1 = plain distillation)")
     self_weight: float = Field(1.0, ge=0, description="self: weight of the self-distillation loss")
@@ -346,7 +346,7 @@ class BenchConfig(Frozen):
 
 class Recipe(Frozen):
     teacher: TeacherConfig = Field(TeacherConfig(), description="The model to compress")
-    task: Literal["embedding", "classification", "causal-lm", "image-classification"] = Field("embedding", description="What the model does; decides losses and metrics: embedding (sentence encoder, Spearman on similarity sets), classification (sequence classifier, accuracy on labelled sets), causal-lm (AutoModelForCausalLM, next-token agreement with the teacher and perplexity on held-out texts), image-classification (CNN, accuracy on labelled image sets)")
+    task: Literal["embedding", "classification", "causal-lm", "image-classification"] = Field("embedding", description="What the model does; decides losses and metrics: embedding (sentence encoder, Spearman on similarity sets), classification (sequence classifier, accuracy on labelled sets), causal-lm (AutoModelForCausalLM, next-token agreement with the teacher and perplexity on held-out texts), image-classification (CNN or vision transformer, accuracy on labelled image sets)")
     data: DataConfig = Field(DataConfig(), description="Train, held-out and eval inputs")
     stages: list[StageEntry] = Field(
         default_factory=lambda: [StageEntry(distill={}), StageEntry(export={}), StageEntry(quantize={})],

@@ -84,11 +84,13 @@ def _check_onnx_file(path: Path) -> None:
                           "teacher needs input_ids (+ attention_mask) and a sentence_embedding output")
 
 
-def teacher_artifact(source: str, tokenizer: str | None, cache, task: str, echo=None) -> Artifact:
+def teacher_artifact(source: str, tokenizer: str | None, cache, task: str, echo=None,
+                     image_shape: list[int] | None = None) -> Artifact:
+    """`image_shape`: the train images' [c, h, w], which an hf: image teacher takes."""
     if task == "image-classification":  # an image model directory, or the example fine-tuned at first use
         from compress import vision
 
-        return vision.teacher_artifact(source, cache, echo)
+        return vision.teacher_artifact(source, cache, echo, image_shape)
     kind, path = check(source, tokenizer)
     if source == "example:minilm-polarity":  # fine-tuned here at first use, then cached
         from compress.classify import polarity_teacher

@@ -153,10 +153,11 @@ def check_image_recipe(recipe, distill) -> None:
     sets, and only the stages and options that apply to a CNN."""
     d = recipe.data
     teacher = recipe.teacher.source
-    if teacher.startswith("onnx:") or teacher.endswith(".onnx") or teacher.startswith("hf:") \
+    if teacher.startswith("onnx:") or teacher.endswith(".onnx") \
             or (teacher.startswith("example:") and teacher != IMAGE_TEACHER):
-        raise RecipeError(f"teacher.source: task image-classification needs {IMAGE_TEACHER} or an image model "
-                          f"directory (config.json + model.safetensors, see compress.vision.save_model), got {teacher}")
+        raise RecipeError(f"teacher.source: task image-classification needs {IMAGE_TEACHER}, hf:<dir> of an "
+                          "AutoModelForImageClassification, or an MBConv model directory (config.json + "
+                          f"model.safetensors, see compress.vision.save_model), got {teacher}")
     if recipe.teacher.tokenizer is not None:
         raise RecipeError("teacher.tokenizer: images have no tokenizer; remove it")
     if d.extra_train:
@@ -194,6 +195,9 @@ def check_image_recipe(recipe, distill) -> None:
         if student.heads or student.ffn != _default("ffn"):
             raise RecipeError("stages.distill.student: heads and ffn narrow transformers; for a CNN use "
                               "student.layers (blocks kept) and student.channels")
+        if teacher.startswith("hf:") and student.channels not in (0.0, _default("channels")):
+            raise RecipeError("stages.distill.student.channels: narrows MBConv blocks only; for an hf: teacher "
+                              "remove channels (student.layers chooses the blocks kept)")
     q = next((e.quantize for e in recipe.stages if e.quantize is not None), None)
     if q is not None:
         if q.dtype != "int8":

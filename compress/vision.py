@@ -1,5 +1,7 @@
 """Task `image-classification`: CNN classifiers (the EfficientNet-Lite family of
-MBConv blocks), distilled through their logits and, optionally, their block outputs.
+MBConv blocks), distilled through their logits and, optionally, their block outputs;
+and any Hugging Face AutoModelForImageClassification (`hf:<dir>`), whose model-specific
+parts (loading, blocks, student) live in compress.hf_vision.
 
 Everything that differs from the text tasks: the model (a config naming its
 blocks, plus weights), image data (Fashion-MNIST from Debian's
@@ -22,6 +24,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,7 @@ ONNX_OUTPUT = "logits"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EXAMPLE_TEACHER = "example:efficientnet-lite0-fashion"
+HF_PREFIX = "hf:"  # a Hugging Face AutoModelForImageClassification directory (compress.hf_vision)
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_PACKAGE = "dataset-fashion-mnist"
 FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -67,6 +71,20 @@ def lite0_config(in_channels: int = 3, input_size: tuple[int, int] = (224, 224),
             "image_size": image_size, "mean": 127.0 / 255, "std": 128.0 / 255, "stem": 32, "blocks": blocks,
             "head": 1280, "num_classes": num_classes, "labels": labels or [str(i) for i in range(num_classes)],
             "dropout": 0.2, "bn_eps": 1e-3}
+
+
+def preprocess(x, size, mean, std, channels: int):
+    """Raw pixels in [0, 1] as the model was trained on them: resized to `size`
+    ([h, w], or None to keep them), one gray channel copied to `channels`, normalised.
+    Inside the model, so the exported graph takes raw pixels (MBConv and hf: models alike)."""
+    import torch
+    import torch.nn.functional as F
+
+    if size is not None and list(x.shape[-2:]) != list(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    if x.shape[1] == 1 and channels > 1:
+        x = torch.cat([x] * channels, dim=1)  # one Concat in the graph (expand traces shape arithmetic)
+    return (x - mean) / std
 
 
 def _modules():
@@ -120,12 +138,14 @@ def _modules():
             self._dropout = nn.Dropout(config["dropout"])
             self._fc = nn.Linear(config["head"], config["num_classes"])
 
+        @property
+        def num_classes(self) -> int:
+            return self.config["num_classes"]
+
         def encode(self, x):
             """(logits, [output of every block])."""
             size = int(self.config["image_size"])
-            if list(x.shape[-2:]) != [size, size]:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            x = (x - self.config["mean"]) / self.config["std"]
+            x = preprocess(x, (size, size), self.config["mean"], self.config["std"], self.config["in_channels"])
             x = F.relu6(self._bn0(self._conv_stem(x)))
             states = []
             for block in self._blocks:
@@ -167,6 +187,9 @@ def read_config(path: Path, where: str = "teacher.source") -> dict:
         config = json.loads(cfg_file.read_text())
     except ValueError as exc:
         raise SourceError(f"{where}: {cfg_file} is not valid JSON ({exc}); fix the file") from None
+    if isinstance(config, dict) and "model_type" in config and "architecture" not in config:
+        raise SourceError(f"{where}: {path} is a Hugging Face model directory (model_type {config['model_type']}); "
+                          f"set teacher.source: hf:{path}")
     if not isinstance(config, dict) or config.get("architecture") != ARCHITECTURE:
         got = config.get("architecture") if isinstance(config, dict) else type(config).__name__
         raise SourceError(f"{where}: {cfg_file} names architecture {got!r}; task {TASK} knows '{ARCHITECTURE}' "
@@ -178,8 +201,13 @@ def read_config(path: Path, where: str = "teacher.source") -> dict:
 
 
 def load_model(path: Path, where: str = "teacher.source"):
+    """An MBConv model directory, or a Hugging Face one (compress.hf_vision)."""
     from safetensors.torch import load_file
 
+    from compress import hf_vision
+
+    if hf_vision.is_model_dir(path):
+        return hf_vision.load_model(path, where)
     config = read_config(path, where)
     model = build_model(config)
     try:
@@ -200,6 +228,10 @@ def check_teacher(source: str) -> Path | None:
         return None
     if source.startswith("example:"):
         raise SourceError(f"teacher.source: unknown example image teacher '{source}' (known: {EXAMPLE_TEACHER})")
+    if source.startswith(HF_PREFIX):
+        from compress import hf_vision
+
+        return hf_vision.check_dir(Path(source.removeprefix(HF_PREFIX)))
     path = Path(source.removeprefix("dir:")).expanduser()
     if not path.is_dir():
         raise SourceError(f"teacher.source: {path} does not exist or is not a directory; task {TASK} takes an image "
@@ -208,10 +240,16 @@ def check_teacher(source: str) -> Path | None:
     return path
 
 
-def teacher_artifact(source: str, cache, echo=None) -> Artifact:
+def teacher_artifact(source: str, cache, echo=None, input_shape: list[int] | None = None) -> Artifact:
+    """`input_shape`: the train images' [c, h, w], the input of an hf: teacher (an MBConv
+    model's config fixes its own)."""
     path = check_teacher(source)
     if path is None:
         return fashion_teacher(cache, echo)
+    if source.startswith(HF_PREFIX):
+        from compress import hf_vision
+
+        return hf_vision.teacher_artifact(source, path, input_shape)
     config = read_config(path)
     files = [path / CONFIG_FILE, path / WEIGHTS_FILE]
     meta = {"task": TASK, "source": source, "path": str(path), "license": None, **io_meta(config)}
@@ -236,18 +274,21 @@ def _lite0_weights() -> Path:
 
 @dataclass(frozen=True)
 class Images:
-    """Images as float32 [n, channels, height, width] in [0, 1], with class ids (or None)."""
+    """Images as float32 [n, channels, height, width] in [0, 1], with class ids (or None)
+    and, when the source names them, the class names in id order."""
 
     pixels: np.ndarray
     labels: np.ndarray | None
     name: str = ""
+    classes: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, index) -> "Images":
         index = index if isinstance(index, slice) else np.asarray(index)
-        return Images(self.pixels[index], None if self.labels is None else self.labels[index], self.name)
+        return Images(self.pixels[index], None if self.labels is None else self.labels[index], self.name,
+                      self.classes)
 
     def digest(self) -> str:
         h = hashlib.sha256(np.ascontiguousarray(self.pixels).tobytes())
@@ -280,11 +321,12 @@ def fashion_mnist(split: str, where: str) -> Images:
         raise SourceError(f"{where}: Fashion-MNIST is not installed ({missing[0]} missing); install the Debian "
                           f"package: sudo apt-get install {FASHION_PACKAGE}")
     images, labels = _idx(files[0]), _idx(files[1])
-    return Images(images[:, None].astype(np.float32) / 255.0, labels.astype(np.int64))
+    return Images(images[:, None].astype(np.float32) / 255.0, labels.astype(np.int64), classes=tuple(FASHION_LABELS))
 
 
 def load_npz(path: Path, where: str) -> Images:
-    """A user's .npz: `images` uint8 (0-255) or float (0-1), [n, h, w] or [n, h, w, c]; `labels` ints [n]."""
+    """A user's .npz: `images` uint8 (0-255) or float (0-1), [n, h, w] or [n, h, w, c]; `labels` ints [n];
+    optionally `classes`, the class names in id order (checked against the teacher's)."""
     if not path.is_file():
         raise SourceError(f"{where}: {path} does not exist; give a .npz with arrays images and labels, "
                           "or example:fashion-mnist-train / example:fashion-mnist-test")
@@ -319,12 +361,19 @@ def load_npz(path: Path, where: str) -> Images:
             raise SourceError(f"{where}: {path} labels are {labels.dtype} {list(labels.shape)}; expected "
                               f"{len(pixels)} integer class ids, one per image")
         labels = labels.astype(np.int64)
-    return Images(np.ascontiguousarray(pixels), labels)
+    classes = arrays.get("classes")
+    if classes is not None:
+        if classes.ndim != 1 or classes.dtype.kind not in "US":
+            raise SourceError(f"{where}: {path} classes are {classes.dtype} {list(classes.shape)}; expected the class "
+                              "names as strings, in id order")
+        classes = tuple(str(c) for c in classes)
+    return Images(np.ascontiguousarray(pixels), labels, classes=classes)
 
 
-def load_images(source: str, samples: int | None, where: str, shape: list[int], num_labels: int,
-                need_labels: bool) -> Images:
-    """One data source for task image-classification, checked against the teacher's input."""
+def load_images(source: str, samples: int | None, where: str, shape: list[int] | None, num_labels: int,
+                need_labels: bool, teacher_labels: list[str] | None = None, shape_from: str | None = None) -> Images:
+    """One data source for task image-classification, checked against the teacher's input
+    (`shape` None: any; `shape_from`: the data source that set it, for an hf: teacher) and classes."""
     if source in EXAMPLE_DATA:
         images = fashion_mnist(EXAMPLE_DATA[source], where)
     elif source.startswith("example:"):
@@ -337,10 +386,14 @@ def load_images(source: str, samples: int | None, where: str, shape: list[int], 
     if samples is not None:
         images = images[:samples]
     images = Images(images.pixels, images.labels, source.removeprefix("example:") if source.startswith("example:")
-                    else Path(source).stem)
-    if list(images.pixels.shape[1:]) != list(shape):
-        raise SourceError(f"{where}: {source} has images of shape {list(images.pixels.shape[1:])} "
-                          f"(channels, height, width), the teacher takes {shape}; resize the data or the teacher's input_size")
+                    else Path(source).stem, images.classes)
+    if shape is not None and list(images.pixels.shape[1:]) != list(shape):
+        got = f"{where}: {source} has images of shape {list(images.pixels.shape[1:])} (channels, height, width)"
+        if shape_from:
+            raise SourceError(f"{got}, {shape_from} has {shape} (the build's input); give every image source one shape")
+        raise SourceError(f"{got}, the teacher takes {shape}; resize the data or the teacher's input_size")
+    if teacher_labels is not None and images.classes is not None:
+        check_classes(images.classes, teacher_labels, where, source)
     if need_labels and images.labels is None:
         raise SourceError(f"{where}: {source} has no labels; save them as labels= in the .npz")
     if images.labels is not None and len(images.labels) and (images.labels.min() < 0 or images.labels.max() >= num_labels):
@@ -349,6 +402,26 @@ def load_images(source: str, samples: int | None, where: str, shape: list[int], 
     if len(images) == 0:
         raise SourceError(f"{where}: {source} holds no images")
     return images
+
+
+def check_classes(classes: tuple[str, ...], teacher_labels: list[str], where: str, source: str) -> None:
+    """The data's class names must be the teacher's, in the same order: an ImageNet head on
+    Fashion-MNIST would score labels it never learnt. Names a teacher does not have
+    (LABEL_0, ... or 0, 1, ...) are taken on trust when the counts agree."""
+    same = [c.strip().lower() for c in classes] == [t.strip().lower() for t in teacher_labels]
+    if same or (unnamed(teacher_labels) and len(classes) == len(teacher_labels)):
+        return
+    first = next((i for i, (c, t) in enumerate(zip(classes, teacher_labels)) if c.strip().lower() != t.strip().lower()),
+                 min(len(classes), len(teacher_labels)))
+    raise SourceError(f"{where}: {source} has {len(classes)} classes, the teacher {len(teacher_labels)} (config id2label), "
+                      f"first difference at id {first}: {classes[first] if first < len(classes) else None!r} vs "
+                      f"{teacher_labels[first] if first < len(teacher_labels) else None!r}; give a teacher fine-tuned "
+                      "on these classes (its id2label in this order)")
+
+
+def unnamed(labels: list[str]) -> bool:
+    """Labels transformers or compress made up (LABEL_0, ... or 0, 1, ...), not class names."""
+    return all(re.fullmatch(rf"(LABEL_)?{i}", n) for i, n in enumerate(labels))
 
 
 def split_heldout(images: Images, fraction: float) -> tuple[Images, Images]:
@@ -363,18 +436,26 @@ def load_inputs(recipe):
 
     d = recipe.data
     meta = teacher_io(recipe.teacher.source)
-    shape, n = meta["input_shape"], meta["num_labels"]
-    train = load_images(d.train.source, d.train.samples, "data.train", shape, n, need_labels=False)
+    shape, n, names = meta["input_shape"], meta["num_labels"], meta["labels"]
+    train = load_images(d.train.source, d.train.samples, "data.train", shape, n, need_labels=False, teacher_labels=names)
+    shape_from = None
+    if shape is None:  # an hf: teacher takes the train images' shape (resized and channel-copied in the graph)
+        from compress.hf_vision import input_shape
+
+        shape = input_shape(list(train.pixels.shape[1:]), meta["channels"], "data.train", d.train.source)
+        shape_from = "data.train"
     train, heldout = split_heldout(train, d.heldout_fraction)
     if len(train) < 2 or len(heldout) < 2:
         raise RecipeError(f"data.train: {len(train) + len(heldout)} images leave {len(train)} to train on and "
                           f"{len(heldout)} held out; give more images (hundreds at least) or raise data.heldout_fraction")
     heldout = heldout[:d.heldout_samples]
-    eval_sets = [load_images(e.source, e.samples, f"data.eval[{i}]", shape, n, need_labels=True)
+    eval_sets = [load_images(e.source, e.samples, f"data.eval[{i}]", shape, n, need_labels=True,
+                             teacher_labels=names, shape_from=shape_from)
                  for i, e in enumerate(d.eval)]
     if d.calibration is not None:
         calibration = load_images(d.calibration.source, d.calibration.samples or CALIBRATION_SAMPLES,
-                                  "data.calibration", shape, n, need_labels=False)
+                                  "data.calibration", shape, n, need_labels=False, teacher_labels=names,
+                                  shape_from=shape_from)
     else:
         step = max(1, len(train) // CALIBRATION_SAMPLES)
         calibration = train[::step][:CALIBRATION_SAMPLES]
@@ -384,10 +465,15 @@ def load_inputs(recipe):
 
 
 def teacher_io(source: str) -> dict:
-    """Input shape and classes of a teacher, without loading its weights."""
+    """Input shape and classes of a teacher, without loading its weights (an hf: teacher's
+    input_shape is None: the data's; `channels` says what it takes)."""
     path = check_teacher(source)
     if path is None:
         return io_meta(fashion_config())
+    if source.startswith(HF_PREFIX):
+        from compress import hf_vision
+
+        return hf_vision.teacher_io(path)
     return io_meta(read_config(path))
 
 
@@ -491,8 +577,9 @@ def logit_loss(s_logits, t_logits, temperature: float):
 def train(student, teacher, keep: list[int], images: Images, cfg, progress, desc: str = "distill") -> dict:
     """Distil `student` (in place) towards `teacher`: logit (soft targets, mixed
     with cross-entropy on the labels by alpha when the images have labels) and
-    feature (relative MSE between each kept block's output and the same teacher
-    block's output; widths match because narrowing keeps block outputs)."""
+    feature (relative MSE between each state of student.encode and the teacher
+    state `keep` names: for MBConv each kept block's output, whose width narrowing
+    keeps; for an hf: model the one pooled feature vector, keep [0])."""
     import torch
     import torch.nn.functional as F
 
@@ -567,6 +654,10 @@ def train(student, teacher, keep: list[int], images: Images, cfg, progress, desc
 
 def distill(src: Artifact, cfg, ctx) -> Artifact:
     """Stage `distill` for task image-classification."""
+    from compress import hf_vision
+
+    if hf_vision.is_model_dir(src.path):
+        return hf_vision.distill(src, cfg, ctx)
     teacher = load_model(src.path)
     keep = cfg.student.layers or default_blocks(teacher.config)
     student = derive_student(teacher, list(keep), cfg.student.channels)
@@ -602,7 +693,10 @@ def export(src: Artifact, cfg, ctx) -> Artifact:
     from compress.export import compare
 
     model = load_model(src.path)
-    shape = [model.config["in_channels"], *model.config["input_size"]]
+    # An hf: model takes the data's shape, which only the artifact knows; an MBConv model's config says.
+    io = {k: src.meta[k] for k in ("input_shape", "num_labels", "labels")} if src.meta.get("input_shape") \
+        else io_meta(model.config)
+    shape = list(io["input_shape"])
     path = ctx.out / "model.onnx"
     dummy = torch.rand(2, *shape)
     with warnings.catch_warnings(), torch.no_grad():
@@ -634,8 +728,8 @@ def export(src: Artifact, cfg, ctx) -> Artifact:
         "precision": "fp32",
         "opset": cfg.opset,
         "inputs": {ONNX_INPUT: ["batch", *shape]},
-        "outputs": {ONNX_OUTPUT: ["batch", model.config["num_classes"]]},
-        **io_meta(model.config),
+        "outputs": {ONNX_OUTPUT: ["batch", model.num_classes]},
+        **io,
         "params": params,
         "validation": {"images": results.get("held-out images"), "random": results["random images"],
                        "num_images": len(real_images)},
@@ -711,7 +805,7 @@ class TorchImageClassifier:
         with torch.inference_mode():
             for i in range(0, len(pixels), BATCH):
                 out.append(self.model(torch.from_numpy(np.ascontiguousarray(pixels[i:i + BATCH]))).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config["num_classes"]), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.model.num_classes), np.float32)
 
 
 class OnnxImageClassifier:
