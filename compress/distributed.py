@@ -6,14 +6,19 @@ rank runs the build's training stages (distill, prune); the main rank (0) alone
 runs the rest, writes the cache and the build directory, and prints.
 
 Within training, each step takes one global batch of `batch_size x world`
-length-sorted inputs and deals it out round-robin, so every input is seen
-exactly once per epoch, on exactly one rank, and all ranks take the same number
-of steps. The model is wrapped in DistributedDataParallel (gloo on CPU, nccl
-on GPUs); each rank's loss is scaled by its share of the global batch, so the
-averaged gradient is the gradient of the global batch's mean loss. Teacher
-outputs are computed sharded too (compress/teacher_cache.py): each rank runs
-the teacher on its share of the inputs and writes it into one shared entry,
-which is why all ranks must see the same cache directory.
+inputs (texts sorted by length, or images) and deals it out round-robin, so
+every input is seen exactly once per epoch, on exactly one rank, and all ranks
+take the same number of steps. The model is wrapped in DistributedDataParallel
+(gloo on CPU, nccl on GPUs); each rank's loss is scaled by its share of the
+global batch, so the averaged gradient is the gradient of the global batch's
+mean loss. Every task trains this way (embedding: distill.train,
+classification: classify.train, causal-lm: lm_distill.train, whose on-policy
+steps deal out prompts too, image-classification: vision.train, with per-rank
+BatchNorm statistics). Teacher outputs are computed sharded too
+(compress/teacher_cache.py): each rank runs the teacher on its share of the
+inputs and writes it into one shared entry, which is why all ranks must see
+the same cache directory; the classifiers' logits are computed per rank, on
+its share of each batch.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from compress.errors import CompressError, RecipeError
 
 # Stages that train, and so run on every rank.
 TRAINING_STAGES = ("distill", "prune")
-# Tasks whose training loops deal global batches across the ranks.
-DISTRIBUTED_TASKS = ("embedding", "classification")
+# Tasks whose training loops deal global batches across the ranks: all of them.
+DISTRIBUTED_TASKS = ("embedding", "classification", "causal-lm", "image-classification")
 
 
 @dataclass(frozen=True)
@@ -180,11 +185,12 @@ def wrap(module):
 
 
 def check_recipe(recipe) -> None:
-    """What a distributed build can run: distillation of an embedding model or a
-    sequence classifier."""
+    """What a distributed build can run: a task whose training loop deals global
+    batches across the ranks (DISTRIBUTED_TASKS, every task today; a new task
+    is refused here until its loop does)."""
     if recipe.task not in DISTRIBUTED_TASKS:
         raise RecipeError(f"--nproc / torchrun: distributed distillation supports tasks "
-                          f"{' and '.join(DISTRIBUTED_TASKS)}, and this recipe's task is {recipe.task}; "
+                          f"{', '.join(DISTRIBUTED_TASKS)}, and this recipe's task is {recipe.task}; "
                           "build it with one process (drop --nproc)")
 
 

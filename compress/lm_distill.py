@@ -27,7 +27,9 @@ compare the distributions over that set); only on-policy batches, on samples
 no cache can know, run the live teacher.
 
 Both can be listed; their losses add. Retention metrics are in compress/lm_eval.py;
-`export_causal_lm` writes the ONNX graph the targets run.
+`export_causal_lm` writes the ONNX graph the targets run. On several processes
+(`--nproc`), `train` deals the texts, and the on-policy prompts, out among them
+(compress/distributed.py).
 """
 
 from __future__ import annotations
@@ -190,14 +192,23 @@ def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, p
     `source.cache_root` when there is one, where later runs and rebuilds find
     them, else in memory for this run. `teacher` may be None when `source.load`
     can give it: it is then loaded only if the entry must be computed or
-    on-policy batches need it to score the student's own samples."""
+    on-policy batches need it to score the student's own samples.
+
+    On several ranks (compress/distributed.py) each step deals one global batch
+    of batch_size x world texts out across them, and an on-policy step deals
+    out batch_size x world prompts drawn alike on every rank: each rank samples
+    continuations of its own prompts with the bare student (generation is not
+    a DDP forward), then runs its one DDP forward for the loss. Each rank draws
+    its samples from its own torch seed (cfg.seed + rank)."""
     import torch
 
-    from compress.distill import no_dropout, optimizer
+    from compress import distributed
+    from compress.distill import _Silent, coverage, no_dropout, optimizer
     from compress.losses import generalized_jsd, generalized_jsd_topk, hard_label_ce, logit_kl_topk
 
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    world = distributed.world() if distributed.collective() else distributed.World()
+    torch.manual_seed(cfg.seed + world.rank)  # the continuations sampled; rank 0 draws as one process does
+    rng = random.Random(cfg.seed)  # the same on every rank: batches, on-policy steps and prompts alike
     no_dropout(student)
     pad_id = pad_id_of(tokenizer)
     eos_id = tokenizer.eos_token_id
@@ -212,9 +223,10 @@ def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, p
         longest = max(len(e) for e in encoded)
         raise RecipeError(f"{desc}: on_policy needs train texts longer than prompt_tokens {cfg.prompt_tokens}, "
                           f"the longest has {longest} tokens; lower prompt_tokens below {longest}")
-    # batches group texts of similar length, so a batch pads little
+    # global batches of texts of similar length (a batch pads little), dealt out across the ranks
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    size = cfg.batch_size * world.size
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
     total = cfg.max_steps or len(batches) * cfg.epochs
 
     live = LiveTeacher(teacher, source, desc)
@@ -222,80 +234,100 @@ def train(student, teacher, texts: list[str], tokenizer, cfg: LmDistillConfig, p
     cached = None
     if use_logit or (use_policy and cfg.lmbda < 1):
         cached = teacher_topk(live, encoded, pad_id, min(cfg.teacher_topk, student.config.vocab_size), cfg,
-                              source, progress, desc)
+                              source, progress if world.main else None, desc)
 
     opt, sched = optimizer(student, total, cfg.lr, cfg.weight_decay, cfg.warmup)
-    bar = progress(total=total, desc=desc) if progress else None
+    step_fn = distributed.wrap(lm_step(student))
+    bar = progress(total=total, desc=desc) if progress and world.main else _Silent()
 
-    def logits(model, ids, mask):
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-
-    step, history, on_policy_steps, generated = 0, [], 0, 0
-    while step < total:
-        epoch = list(range(len(batches)))
-        rng.shuffle(epoch)
-        for b in epoch:
-            if step >= total:
-                break
-            student.train()
-            on_policy = use_policy and cfg.lmbda > 0 and rng.random() < cfg.lmbda
-            loss = torch.zeros(())
-            parts = {}
-            if use_logit or (use_policy and not on_policy):
-                ids, mask = _pad_right([encoded[i] for i in batches[b]], pad_id)
-                s_data = logits(student, ids, mask)
-                t_data = cached.batch(batches[b], ids.shape[1])
-            if use_logit:
-                # every real position has a teacher distribution to copy, the last one included
-                kd = logit_kl_topk(s_data, t_data, cfg.temperature, mask)
-                parts["logit"] = kd.item()
-                loss = loss + kd
-                if cfg.hard_label_weight > 0:
-                    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))[:, 1:]
-                    ce = hard_label_ce(s_data[:, :-1], labels)
-                    parts["ce"] = ce.item()
-                    loss = loss + cfg.hard_label_weight * ce
-            if on_policy:
-                batch_prompts = torch.tensor(rng.sample(prompts, min(cfg.batch_size, len(prompts))))
-                seqs, keep = sample_continuations(student, batch_prompts, cfg.max_new_tokens,
-                                                  cfg.sample_temperature, cfg.top_p, pad_id, eos_id)
-                on_policy_steps += 1
-                generated += int(keep.sum())
-                ones = torch.ones_like(seqs)
-                # the distributions the generated tokens were drawn from: positions start-1 .. end-1
-                start = batch_prompts.shape[1]
-                s_gen = logits(student, seqs, ones)[:, start - 1:-1]
-                t_gen = live.logits(seqs, ones)[:, start - 1:-1]
-                pol = generalized_jsd(s_gen, t_gen, cfg.beta, cfg.temperature, keep)
-                parts["on_policy"] = pol.item()
-                loss = loss + pol
-            elif use_policy:
-                pol = generalized_jsd_topk(s_data, t_data, cfg.beta, cfg.temperature, mask)
-                parts["on_policy"] = pol.item()
-                loss = loss + pol
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            value = loss.item()
-            history.append(value)
-            if bar is not None:
-                bar.update(1, loss=value, **parts)
-    if bar is not None:
-        bar.close()
+    history, seen, on_policy_steps, generated = [], [], 0, 0
+    for _, rows, weight in distributed.dealt_steps(batches, total, rng, world, seen):
+        student.train()
+        on_policy = use_policy and cfg.lmbda > 0 and rng.random() < cfg.lmbda
+        uses_texts = use_logit or (use_policy and not on_policy)
+        forward = []  # the (ids, mask) pairs of this step's one student forward
+        if uses_texts:
+            ids, mask = _pad_right([encoded[i] for i in rows], pad_id)
+            forward.append((ids, mask))
+        if on_policy:
+            picked = rng.sample(prompts, min(size, len(prompts)))
+            mine = distributed.deal(picked, world.rank, world.size)
+            policy_weight = len(mine) * world.size / len(picked)
+            batch_prompts = torch.tensor(mine or picked[:1])  # a rank dealt none samples one, at weight 0
+            seqs, keep = sample_continuations(student, batch_prompts, cfg.max_new_tokens,
+                                              cfg.sample_temperature, cfg.top_p, pad_id, eos_id)
+            on_policy_steps += 1
+            generated += int(keep.sum()) if mine else 0
+            forward.append((seqs, torch.ones_like(seqs)))
+        outs = step_fn(*forward)
+        # the losses on this rank's texts and on its samples, each weighted by its share of the global batch
+        text_loss = sample_loss = torch.zeros(())
+        parts = {}
+        if uses_texts:
+            s_data, t_data = outs[0], cached.batch(rows, ids.shape[1])
+        if use_logit:
+            # every real position has a teacher distribution to copy, the last one included
+            kd = logit_kl_topk(s_data, t_data, cfg.temperature, mask)
+            parts["logit"] = kd.item()
+            text_loss = text_loss + kd
+            if cfg.hard_label_weight > 0:
+                labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))[:, 1:]
+                ce = hard_label_ce(s_data[:, :-1], labels)
+                parts["ce"] = ce.item()
+                text_loss = text_loss + cfg.hard_label_weight * ce
+        if on_policy:
+            # the distributions the generated tokens were drawn from: positions start-1 .. end-1
+            start = batch_prompts.shape[1]
+            s_gen = outs[-1][:, start - 1:-1]
+            t_gen = live.logits(seqs, torch.ones_like(seqs))[:, start - 1:-1]
+            sample_loss = generalized_jsd(s_gen, t_gen, cfg.beta, cfg.temperature, keep)
+            parts["on_policy"] = sample_loss.item()
+        elif use_policy:
+            pol = generalized_jsd_topk(s_data, t_data, cfg.beta, cfg.temperature, mask)
+            parts["on_policy"] = pol.item()
+            text_loss = text_loss + pol
+        loss = weight * text_loss + (policy_weight * sample_loss if on_policy else 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        value = (text_loss + sample_loss).item()  # on this rank's share, unweighted
+        history.append(value)
+        bar.update(1, loss=value, **parts)
+    bar.close()
     student.eval()
+    step = len(history)
     window = max(1, min(20, len(history) // 4))
     head = sum(history[:window]) / window
     tail = sum(history[-window:]) / window
+    forwards = (cached.forwards if cached is not None else 0) + live.forwards
+    if world.size > 1:  # totals over the ranks
+        generated, forwards = (sum(x) for x in zip(*distributed.gather((generated, forwards))))
     log.info("%s: %d steps (%d on-policy, %d generated tokens), loss %.4f -> %.4f",
              desc, step, on_policy_steps, generated, head, tail)
-    forwards = (cached.forwards if cached is not None else 0) + live.forwards
     return {"steps": step, "on_policy_steps": on_policy_steps, "generated_tokens": generated,
             "loss_first": head, "loss_last": tail, "history": history,
             "teacher_forwards": forwards, "teacher_loaded": live.loaded,
-            "teacher_outputs": cached.stats() if cached is not None else None}
+            "teacher_outputs": cached.stats() if cached is not None else None,
+            "data": coverage(seen, len(encoded), world)}
+
+
+def lm_step(student):
+    """The student's logits on each (ids, mask) pair of a step (the train texts,
+    the on-policy samples), as one module call: DistributedDataParallel
+    synchronises the gradients of one forward per backward."""
+    import torch
+
+    class LmStep(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, *pairs):
+            return [self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits for ids, mask in pairs]
+
+    return LmStep(student)
 
 
 class LiveTeacher:

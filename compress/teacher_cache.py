@@ -9,6 +9,8 @@ like a stage cache entry (compress/cache.py: temporary directory, meta.json
 written last, rename, a file lock per key). Variable-length rows are stored per
 input, packed back to back with offsets, so how a later run groups inputs into
 batches does not matter.
+In a distributed build each rank runs the teacher on its share of the inputs
+and writes its rows into the one entry (compute_sharded, compute_topk_sharded).
 """
 
 from __future__ import annotations
@@ -193,6 +195,27 @@ def load_topk(directory: Path, name: str = "logits") -> TopK:
 RunLogits = Callable[[list], Any]
 
 
+def _topk_writers(directory: Path | None, lengths: Sequence[int], k: int, name: str, mode: str = "w+"):
+    return (PackedWriter(directory, f"{name}.values", lengths, (k,), np.float16, mode),
+            PackedWriter(directory, f"{name}.indices", lengths, (k,), np.int32, mode))
+
+
+def _topk_pass(values: PackedWriter, indices: PackedWriter, encoded: Sequence[Sequence[int]], groups: list[list[int]],
+               k: int, run_logits: RunLogits, bar) -> None:
+    """The teacher over `groups` of inputs, the top-k of each real position into the writers."""
+    for group in groups:
+        logits = run_logits([list(encoded[i]) for i in group])
+        logits = np.asarray(logits.float().numpy() if hasattr(logits, "numpy") else logits, dtype=np.float32)
+        for j, i in enumerate(group):
+            v, ix = topk_rows(logits[j, :len(encoded[i])], k)
+            values.put(i, v)
+            indices.put(i, ix)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
 def compute_topk(directory: Path | None, encoded: Sequence[Sequence[int]], k: int, run_logits: RunLogits, progress,
                  desc: str, name: str = "logits") -> TopK:
     """Run a language-model teacher over every input once (groups of
@@ -201,23 +224,52 @@ def compute_topk(directory: Path | None, encoded: Sequence[Sequence[int]], k: in
 
     lengths = [len(e) for e in encoded]
     groups = _batches(lengths, TEACHER_BATCH)
-    values = PackedWriter(directory, f"{name}.values", lengths, (k,), np.float16)
-    indices = PackedWriter(directory, f"{name}.indices", lengths, (k,), np.int32)
+    values, indices = _topk_writers(directory, lengths, k, name)
     bar = progress(total=len(groups), desc=f"{desc}: teacher top-{k} logits") if progress else None
-    for group in groups:
-        logits = run_logits([list(encoded[i]) for i in group])
-        logits = np.asarray(logits.float().numpy() if hasattr(logits, "numpy") else logits, dtype=np.float32)
-        for j, i in enumerate(group):
-            v, ix = topk_rows(logits[j, :lengths[i]], k)
-            values.put(i, v)
-            indices.put(i, ix)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    _topk_pass(values, indices, encoded, groups, k, run_logits, bar)
     if directory is not None:
         (directory / f"{name}.topk.json").write_text(json.dumps({"k": k}))
     return TopK(values.finish(), indices.finish(), k, forwards=len(groups), path=directory)
+
+
+def compute_topk_sharded(directory: Path, encoded: Sequence[Sequence[int]], k: int, runner: Callable[[], RunLogits],
+                         progress, desc: str, name: str = "logits") -> int:
+    """compute_topk() split across the ranks of a distributed run, as
+    compute_sharded(): rank r runs the teacher on every world-th group of
+    inputs from group r and writes its rows into the one entry in `directory`.
+    The arrays' shapes follow from the input lengths and k, so the main rank
+    allocates them before any teacher forward. Returns this rank's forwards;
+    a rank left without a group never calls runner() (never loads the teacher)."""
+    from compress import distributed
+    from compress.distill import _batches
+
+    w = distributed.world()
+    lengths = [len(e) for e in encoded]
+    mine = _batches(lengths, TEACHER_BATCH)[w.rank::w.size]
+    if w.main:
+        values, indices = _topk_writers(directory, lengths, k, name)
+        (directory / f"{name}.topk.json").write_text(json.dumps({"k": k}))
+    distributed.barrier()  # the files exist
+    if not w.main:
+        try:
+            values, indices = _topk_writers(directory, lengths, k, name, mode="r+")
+        except FileNotFoundError:
+            raise _unseen(w, directory) from None
+    if mine:
+        bar = progress(total=len(mine), desc=f"{desc}: teacher top-{k} logits (rank {w.rank}/{w.size})") \
+            if progress else None
+        _topk_pass(values, indices, encoded, mine, k, runner(), bar)
+    values.finish()
+    indices.finish()
+    distributed.barrier()  # every rank's rows are on disk
+    return len(mine)
+
+
+def _unseen(w, directory: Path):
+    from compress.errors import CompressError
+
+    return CompressError(f"distributed build: rank {w.rank} cannot see {directory}; every rank needs the "
+                         "same cache directory (--cache on a filesystem all nodes share)")
 
 
 def obtain_topk(source: TeacherSource | None, encoded: Sequence[Sequence[int]], settings: dict, k: int,
@@ -226,10 +278,25 @@ def obtain_topk(source: TeacherSource | None, encoded: Sequence[Sequence[int]], 
     from the cache when a complete entry exists (runner never called, so the
     teacher need not be loaded), else computed once, stored and published like
     obtain()'s entries. Without a cache root they are kept in memory for this run."""
-    if source is None or source.cache_root is None:
+    from compress import distributed
+
+    if source is None or source.cache_root is None:  # in memory: each rank computes all it may need
         return compute_topk(None, encoded, k, runner(), progress, desc)
     key = entry_key(source.digest, encoded, {**settings, "k": k})
     cache = Cache(Path(source.cache_root) / DIRNAME)
+    if distributed.collective():
+        def fill(work: Path) -> tuple[int, dict]:
+            forwards = compute_topk_sharded(work, encoded, k, runner, progress, desc)
+            return forwards, {"kind": "teacher-topk-logits", "key": key, "teacher": source.digest,
+                              "inputs": len(encoded), "positions": sum(len(e) for e in encoded),
+                              "settings": settings, "k": k, "version": VERSION}
+
+        path, hit, forwards = _produce_sharded(cache, key, fill)
+        out = load_topk(path)
+        out.key, out.cached, out.forwards, out.path = key, hit, forwards, path
+        log.info("%s: teacher top-%d logits %s (%s on rank %d, %d forwards here)", desc, k, key[:12],
+                 "cached" if hit else "computed", distributed.world().rank, forwards)
+        return out
     made = {}
 
     def make(work: Path) -> None:
@@ -397,7 +464,6 @@ def compute_sharded(directory: Path, encoded: Sequence[Sequence[int]], pad_id: i
     Returns the teacher forwards this rank ran and the entry's layout (TeacherOutputs.layout)."""
     from compress import distributed
     from compress.distill import _batches, _pad
-    from compress.errors import CompressError
 
     w = distributed.world()
     lengths = [len(e) for e in encoded]
@@ -414,8 +480,7 @@ def compute_sharded(directory: Path, encoded: Sequence[Sequence[int]], pad_id: i
         try:
             writers = _Writers(directory, len(encoded), lengths, heads, shapes, mode="r+")
         except FileNotFoundError:
-            raise CompressError(f"distributed build: rank {w.rank} cannot see {directory}; every rank needs the "
-                                "same cache directory (--cache on a filesystem all nodes share)") from None
+            raise _unseen(w, directory) from None
     bar = progress(total=len(mine), desc=f"{desc}: teacher outputs (rank {w.rank}/{w.size})")
     for n, group in enumerate(mine):
         if n == 0 and first is not None:
@@ -482,9 +547,29 @@ def obtain(source: TeacherSource | None, encoded: Sequence[Sequence[int]], setti
 
 def _obtain_sharded(cache: Cache, key: str, source: TeacherSource, encoded, settings: dict, pad_id: int, heads: int,
                     runner, progress, desc: str) -> TeacherOutputs:
-    """obtain() on every rank of a distributed run: the main rank decides hit or
-    miss; on a miss all ranks fill one entry (compute_sharded) and the main rank
-    publishes it."""
+    """obtain() on every rank of a distributed run (_produce_sharded, compute_sharded)."""
+    from compress import distributed
+
+    def fill(work: Path) -> tuple[int, dict]:
+        forwards, layout = compute_sharded(work, encoded, pad_id, heads, runner, progress, desc)
+        return forwards, {"kind": "teacher-outputs", "key": key, "teacher": source.digest, "inputs": len(encoded),
+                          "settings": settings, "version": VERSION, **layout, "heads": heads}
+
+    path, hit, forwards = _produce_sharded(cache, key, fill)
+    outputs = open_entry(path)
+    outputs.cached, outputs.forwards = hit, forwards
+    log.info("%s: teacher outputs %s (%s on rank %d, %d forwards here)", desc, key[:12],
+             "cached" if hit else "computed", distributed.world().rank, forwards)
+    return outputs
+
+
+def _produce_sharded(cache: Cache, key: str, fill: Callable[[Path], tuple[int, dict]]) -> tuple[Path, bool, int]:
+    """Cache.produce() for every rank of a distributed run: the main rank
+    decides hit or miss; on a miss every rank fills its share of one work
+    directory (fill(work) gives this rank's teacher forwards and the entry's
+    meta), and the main rank writes meta.json (with every rank's forwards) last
+    and publishes it. Returns the entry's path, whether it was a hit, and this
+    rank's forwards."""
     import os
     import time
 
@@ -498,16 +583,14 @@ def _obtain_sharded(cache: Cache, key: str, source: TeacherSource, encoded, sett
         work = cache.tmp / f"{key}.{os.getpid()}.{time.time_ns()}"
         work.mkdir()
     found, work = distributed.broadcast((str(found) if found else None, str(work) if work else None))
-    forwards = 0
-    if found is None:
+    hit, forwards = found is not None, 0
+    if not hit:
         work = Path(work)
         try:
-            forwards, layout = compute_sharded(work, encoded, pad_id, heads, runner, progress, desc)
+            forwards, meta = fill(work)
             total = sum(distributed.gather(forwards))
             if w.main:
-                meta = {"kind": "teacher-outputs", "key": key, "teacher": source.digest, "inputs": len(encoded),
-                        "settings": settings, "version": VERSION, **layout, "heads": heads, "forwards": total,
-                        "ranks": w.size}
+                meta = {**meta, "forwards": total, "ranks": w.size}
                 (work / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks it complete
                 found = str(cache.publish(key, work))
         except BaseException:
@@ -520,8 +603,4 @@ def _obtain_sharded(cache: Cache, key: str, source: TeacherSource, encoded, sett
     if not (path / META_FILE).is_file():
         raise CompressError(f"distributed build: rank {w.rank} cannot see the teacher outputs in {path}; every rank "
                             "needs the same cache directory (--cache on a filesystem all nodes share)")
-    outputs = open_entry(path)
-    outputs.cached, outputs.forwards = forwards == 0, forwards
-    log.info("%s: teacher outputs %s (%s on rank %d, %d forwards here)", desc, key[:12],
-             "cached" if forwards == 0 else "computed", w.rank, forwards)
-    return outputs
+    return path, hit, forwards

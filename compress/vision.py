@@ -12,6 +12,9 @@ accuracy, and the example teacher (EfficientNet-Lite0 from PyPI, fine-tuned on
 Fashion-MNIST at first use). The distill, export and quantize stages hand over
 here when meta task says so.
 
+On several processes (`--nproc`), `train` deals the images out among them
+(compress/distributed.py), with BatchNorm statistics per process.
+
 A model directory holds `config.json` (ARCHITECTURE, see `lite0_config` for
 the fields) and `model.safetensors` (its state dict); `save_model` writes one.
 """
@@ -579,77 +582,101 @@ def train(student, teacher, keep: list[int], images: Images, cfg, progress, desc
     with cross-entropy on the labels by alpha when the images have labels) and
     feature (relative MSE between each state of student.encode and the teacher
     state `keep` names: for MBConv each kept block's output, whose width narrowing
-    keeps; for an hf: model the one pooled feature vector, keep [0])."""
+    keeps; for an hf: model the one pooled feature vector, keep [0]).
+
+    On several ranks each step deals one global batch of batch_size x world
+    images out across them, as the text tasks do (compress/distributed.py).
+    BatchNorm stays per rank, not SyncBatchNorm (which PyTorch runs on GPUs
+    only): the student trains with BN in train mode, each rank normalising its
+    share, batch_size images as in one process with that batch_size, by their
+    own statistics; the running statistics are rank 0's, since DDP broadcasts
+    rank 0's buffers at every forward."""
     import torch
     import torch.nn.functional as F
 
-    from compress.distill import optimizer
+    from compress import distributed
+    from compress.distill import _Silent, coverage, optimizer
 
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # the same on every rank: all take the global batches in one order
+    world = distributed.world() if distributed.collective() else distributed.World()
     teacher.eval()
     student.train()
     use_logit, use_feature = "logit" in cfg.losses, "feature" in cfg.losses
     n = len(images)
-    batches = [list(range(i, min(i + cfg.batch_size, n))) for i in range(0, n, cfg.batch_size)]
+    size = cfg.batch_size * world.size
+    batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
     total = cfg.max_steps or len(batches) * cfg.epochs
     opt, sched = optimizer(student, total, cfg.lr, cfg.weight_decay, cfg.warmup)
+    step_fn = distributed.wrap(image_step(student))
     pixels = torch.from_numpy(images.pixels)
     labels = torch.from_numpy(images.labels) if images.labels is not None else None
-    teacher_cache: dict[int, tuple] = {}
-    bar = progress(total=total, desc=desc)
-    step, history, logit_history = 0, [], []
-    while step < total:
-        order = list(range(len(batches)))
-        rng.shuffle(order)
-        for b in order:
-            if step >= total:
-                break
-            x = pixels[batches[b]]
-            if b not in teacher_cache:
-                with torch.inference_mode():
-                    t_logits, t_states = teacher.encode(x)
-                teacher_cache[b] = (t_logits.clone(), [t_states[i].half() for i in keep] if use_feature else [])
-            t_logits, t_states = teacher_cache[b][0], [t.float() for t in teacher_cache[b][1]]
-            s_logits, s_states = student.encode(x)
-            loss = torch.zeros(())
-            parts = {}
-            if use_logit:
-                soft = logit_loss(s_logits, t_logits, cfg.temperature)
-                lk = soft
-                if labels is not None:
-                    hard = F.cross_entropy(s_logits, labels[batches[b]])
-                    lk = cfg.alpha * soft + (1 - cfg.alpha) * hard
-                    parts["ce"] = hard.item()
-                loss = loss + cfg.logit_weight * lk
-                parts["logit"] = soft.item()
-                logit_history.append(soft.item())
-            if use_feature:
-                lf = torch.stack([((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-6)
-                                  for s, t in zip(s_states, t_states)]).mean()
-                loss = loss + cfg.hidden_weight * lf
-                parts["feature"] = lf.item()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            history.append(loss.item())
-            bar.update(1, loss=history[-1], **parts)
+    teacher_cache: dict[int, tuple] = {}  # this rank's share of batch b (the same share every epoch)
+    bar = progress(total=total, desc=desc) if world.main else _Silent()
+    history, logit_history, seen = [], [], []
+    for b, rows, weight in distributed.dealt_steps(batches, total, rng, world, seen):
+        x = pixels[rows]
+        if b not in teacher_cache:
+            with torch.inference_mode():
+                t_logits, t_states = teacher.encode(x)
+            teacher_cache[b] = (t_logits.clone(), [t_states[i].half() for i in keep] if use_feature else [])
+        t_logits, t_states = teacher_cache[b][0], [t.float() for t in teacher_cache[b][1]]
+        s_logits, s_states = step_fn(x)
+        loss = torch.zeros(())
+        parts = {}
+        if use_logit:
+            soft = logit_loss(s_logits, t_logits, cfg.temperature)
+            lk = soft
+            if labels is not None:
+                hard = F.cross_entropy(s_logits, labels[rows])
+                lk = cfg.alpha * soft + (1 - cfg.alpha) * hard
+                parts["ce"] = hard.item()
+            loss = loss + cfg.logit_weight * lk
+            parts["logit"] = soft.item()
+            logit_history.append(soft.item())
+        if use_feature:
+            lf = torch.stack([((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-6)
+                              for s, t in zip(s_states, t_states)]).mean()
+            loss = loss + cfg.hidden_weight * lf
+            parts["feature"] = lf.item()
+        opt.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        bar.update(1, loss=history[-1], **parts)
     bar.close()
     student.eval()
 
     def mean(xs):
         return sum(xs) / max(len(xs), 1)
 
+    step = len(history)
     k = max(1, min(20, len(history) // 4))
     stats = {"steps": step, "loss_first": mean(history[:k]), "loss_last": mean(history[-k:]),
-             "labelled_inputs": 0 if labels is None else n}
+             "labelled_inputs": 0 if labels is None else n, "data": coverage(seen, n, world)}
     if logit_history:
         stats.update(logit_loss_first=mean(logit_history[:k]), logit_loss_last=mean(logit_history[-k:]))
     log.info("%s: %d steps, loss %.4f -> %.4f", desc, step, stats["loss_first"], stats["loss_last"])
     return stats
+
+
+def image_step(student):
+    """The student's logits and block outputs, as a module whose forward is
+    encode(): DistributedDataParallel synchronises what its forward computes
+    (the model's own forward gives logits alone)."""
+    import torch
+
+    class ImageStep(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model.encode(x)
+
+    return ImageStep(student)
 
 
 def distill(src: Artifact, cfg, ctx) -> Artifact:

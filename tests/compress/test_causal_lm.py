@@ -181,6 +181,49 @@ def test_quantize_mode_auto_measures_dynamic_and_static_on_the_target(project):
     assert rep["stages"][-1]["quality"]["retention"]["heldout/agreement"] > 0.5
 
 
+def test_nproc_2_distils_a_causal_lm_like_one_process(project):
+    """`--nproc 2` with batch_size 8 against the project's one-process build with
+    batch_size 16 (the same global batch; 30 steps: one epoch and most of a
+    second): every text once per epoch, on one rank, the same texts in the
+    second epoch's part; the same steps and on-policy steps; the teacher's top-k
+    logits computed sharded into the same entry; the same retention."""
+    recipe = (project / "compress.yaml").read_text()
+    assert "batch_size: 16" in recipe
+    (project / "two.yaml").write_text(recipe.replace("batch_size: 16", "batch_size: 8"))
+    res = run_build(project, "--nproc", "2", "-o", "b2", "--cache", "c2", "--no-bench", recipe="two.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 processes" in res.stderr
+    one = json.loads((project / "build" / "cpu" / "report.json").read_text())
+    two = json.loads((project / "b2" / "cpu" / "report.json").read_text())
+    m1, m2 = one["stages"][0]["meta"], two["stages"][0]["meta"]
+    d1, d2 = m1["data"], m2["data"]
+    assert (d1["ranks"], d2["ranks"]) == (1, 2) and d1["inputs"] == d2["inputs"] > 200
+    assert m2["steps"] == m1["steps"] == 30 and m2["on_policy_steps"] == m1["on_policy_steps"] > 0
+    assert len(d1["epochs"]) == len(d2["epochs"]) == 2
+    for e1, e2 in zip(d1["epochs"], d2["epochs"]):
+        assert e2["seen"] == e2["distinct"] == e1["seen"] == e1["distinct"]  # each text once, on one rank
+        assert abs(e2["per_rank"][0] - e2["per_rank"][1]) <= 8  # within one batch's share
+    assert d2["epochs"][0]["seen"] == d2["inputs"]  # the first epoch is complete (30 steps end in the second)
+    # one shared top-k entry, each rank its groups: as many teacher forwards as one process, the same bytes;
+    # on-policy steps score samples with the live teacher on both ranks
+    (e1,), (e2,) = ([p.parent for p in (project / c / "teacher-outputs").glob("*/meta.json")]
+                    for c in (".compress/cache", "c2"))
+    meta1, meta2 = (json.loads((e / "meta.json").read_text()) for e in (e1, e2))
+    assert meta2["ranks"] == 2 and meta2["forwards"] == meta1["forwards"] and e1.name == e2.name
+    assert m2["teacher_outputs"]["cached"] is False and m2["teacher_outputs"]["key"] == e2.name
+    assert (e2 / "logits.values.npy").read_bytes() == (e1 / "logits.values.npy").read_bytes()
+    assert (e2 / "logits.indices.npy").read_bytes() == (e1 / "logits.indices.npy").read_bytes()
+    assert m2["teacher_forwards"] == m1["teacher_forwards"] + m1["on_policy_steps"]
+    assert m2["generated_tokens"] > 0
+    # it learned as much as one process (rank 0's loss is on its half of each batch, its own samples)
+    assert m2["loss_last"] < 0.6 * m2["loss_first"]
+    assert m2["loss_last"] == pytest.approx(m1["loss_last"], rel=0.35)
+    for q1, q2 in zip([s["quality"] for s in one["stages"]], [s["quality"] for s in two["stages"]]):
+        for name in ("heldout/agreement", "eval/agreement"):
+            assert q2["retention"][name] == pytest.approx(q1["retention"][name], abs=0.05)
+        assert q2["retention"]["eval/perplexity"] == pytest.approx(q1["retention"]["eval/perplexity"], rel=0.1)
+
+
 T = {"source": "hf:/nonexistent"}
 
 

@@ -10,11 +10,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from compress import distributed
 from compress.cli import _without_nproc
+from compress.errors import RecipeError
+from compress.tasks import TASKS
 from tests.conftest import make_texts, run_cli, tiny_recipe
 
 
@@ -102,15 +105,20 @@ def test_torchrun_runs_the_same_distributed_build(project, single):
     _check_two_process_build(json.loads((project / "b3" / "cpu" / "report.json").read_text()), single)
 
 
-def test_nproc_refuses_what_it_cannot_run(project, tmp_path):
+def test_nproc_refuses_what_it_cannot_run(project, monkeypatch):
     r = run_cli("build", "--nproc", "0", "-r", "two.yaml", cwd=project)
     assert r.returncode == 2 and "--nproc 0" in r.stderr
-    (project / "img.yaml").write_text("teacher: {source: example:efficientnet-lite0-fashion}\n"
-                                      "task: image-classification\ndata: {train: {source: example:fashion-mnist-train}, "
-                                      "eval: [{source: example:fashion-mnist-test}]}\n")
-    r = run_cli("build", "--nproc", "2", "-r", "img.yaml", "-o", str(tmp_path / "b"), cwd=project)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (
-        "compress: error: --nproc / torchrun: distributed distillation supports tasks embedding and classification, "
-        "and this recipe's task is image-classification; build it with one process (drop --nproc)")
-    assert not (tmp_path / "b").exists()
+    # every task trains on several processes; a task whose loop does not deal batches would be refused
+    assert set(distributed.DISTRIBUTED_TASKS) == set(TASKS)
+    for task in TASKS:
+        distributed.check_recipe(SimpleNamespace(task=task))
+    with pytest.raises(RecipeError) as exc:
+        distributed.check_recipe(SimpleNamespace(task="segmentation"))
+    assert str(exc.value) == ("--nproc / torchrun: distributed distillation supports tasks embedding, classification, "
+                              "causal-lm, image-classification, and this recipe's task is segmentation; build it with "
+                              "one process (drop --nproc)")
+    # --nproc inside a torchrun world would start processes within processes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="already runs under torchrun; drop --nproc"):
+        distributed.check_nproc(2)
+    distributed.check_nproc(1)

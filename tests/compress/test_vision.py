@@ -377,3 +377,41 @@ def test_bench_of_a_finished_image_build_feeds_images_to_every_model(project, mo
     assert set(result["models"]) == {"student", "teacher-torch-fp32", "teacher-ort-fp32", "teacher-ort-int8"}
     prov = json.loads((project / "build" / "cpu" / "provenance.json").read_text())
     assert prov["data"]["packages"] == {} and prov["teacher"]["package"] is None  # user files, not example data
+
+
+def test_nproc_2_distils_an_image_student_like_one_process(project):
+    """`--nproc 2` with batch_size 16 against the project's one-process build
+    with batch_size 32 (the same global batch), 3 epochs: every image once per
+    epoch, on one rank; the same steps; the same accuracy retention. BatchNorm
+    statistics are per rank (16 images each), so the two runs differ a little."""
+    recipe = (project / "compress.yaml").read_text()
+    assert "epochs: 3, batch_size: 32" in recipe and "quantize: {mode: auto, calibration: minmax}" in recipe
+    # dynamic int8 instead of auto (which times both modes): the distill and export stages are compared
+    (project / "two.yaml").write_text(recipe.replace("batch_size: 32", "batch_size: 16").replace(
+        "quantize: {mode: auto, calibration: minmax}", "quantize: {mode: dynamic}"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    res = subprocess.run([sys.executable, "-m", "compress", "build", "--nproc", "2", "-r", "two.yaml", "--target", "cpu",
+                          "-o", "b2", "--cache", "c2", "--no-bench"], cwd=project, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 processes" in res.stderr
+    one = json.loads((project / "build" / "cpu" / "report.json").read_text())
+    two = json.loads((project / "b2" / "cpu" / "report.json").read_text())
+    m1, m2 = one["stages"][0]["meta"], two["stages"][0]["meta"]
+    d1, d2 = m1["data"], m2["data"]
+    assert (d1["ranks"], d2["ranks"]) == (1, 2) and d1["inputs"] == d2["inputs"] == m2["train_inputs"] == 540
+    assert m2["steps"] == m1["steps"] == 3 * 17
+    for data in (d1, d2):
+        assert len(data["epochs"]) == 3
+        for epoch in data["epochs"]:  # every image once per epoch, on one of the ranks
+            assert epoch["seen"] == epoch["distinct"] == data["inputs"]
+    for epoch in d2["epochs"]:
+        assert abs(epoch["per_rank"][0] - epoch["per_rank"][1]) <= 16  # within one batch's share
+    # it learned as much as one process (rank 0's loss is on its half of each batch)
+    assert m2["loss_last"] < 0.5 * m2["loss_first"]
+    assert m2["loss_last"] == pytest.approx(m1["loss_last"], rel=0.35)
+    for q1, q2 in zip([s["quality"] for s in one["stages"][:2]], [s["quality"] for s in two["stages"][:2]]):
+        assert q2["retention"]["test"] == pytest.approx(q1["retention"]["test"], abs=0.05)
+        assert q2["fidelity"]["agreement"] == pytest.approx(q1["fidelity"]["agreement"], abs=0.05)
+        assert q2["fidelity"]["cosine"] == pytest.approx(q1["fidelity"]["cosine"], abs=0.01)
+    assert two["summary"]["retention"]["test"] > 0.85
