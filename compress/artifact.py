@@ -67,7 +67,13 @@ def seal(path: Path, kind: str, meta: dict[str, Any]) -> Artifact:
 
 
 def copy_tokenizer(src_dir: Path, dst_dir: Path) -> list[str]:
-    """Copy the tokenizer files that exist in src_dir; return their names."""
+    """Copy the tokenizer files that exist in src_dir; return their names.
+
+    Beside a model's config.json, transformers may load another tokenizer class
+    than the one tokenizer_config.json names (for some model types, Qwen2 and
+    Phi-3 among them, it overrides the file); an ONNX directory has no config.json.
+    So a copy that leaves the config behind names the class the source loads
+    as, and the model's two directories tokenize alike."""
     import shutil
 
     copied = []
@@ -75,4 +81,17 @@ def copy_tokenizer(src_dir: Path, dst_dir: Path) -> list[str]:
         if (src_dir / name).is_file():
             shutil.copyfile(src_dir / name, dst_dir / name)
             copied.append(name)
+    if "tokenizer_config.json" in copied and (src_dir / "config.json").is_file() \
+            and not (dst_dir / "config.json").is_file():
+        _name_tokenizer_class(src_dir, dst_dir / "tokenizer_config.json")
     return copied
+
+
+def _name_tokenizer_class(src_dir: Path, tokenizer_config: Path) -> None:
+    from transformers import AutoTokenizer
+
+    loaded = type(AutoTokenizer.from_pretrained(str(src_dir))).__name__
+    config = json.loads(tokenizer_config.read_text())
+    if (config.get("tokenizer_class") or "").removesuffix("Fast") != loaded.removesuffix("Fast"):
+        config["tokenizer_class"] = loaded
+        tokenizer_config.write_text(json.dumps(config, indent=2) + "\n")

@@ -2,10 +2,21 @@
 student (torch), and the ONNX export; the distill and export stages hand over
 to `distill` and `export` here when meta task says causal-lm.
 
-The student keeps a subset of the teacher's transformer blocks, initialised
-from them (`derive_student`; GPT-2 family `transformer.h`, Llama family
-`model.layers`), and `train` fits it to the teacher with the losses named in
-`LmDistillConfig.losses`:
+Any decoder-only Hugging Face AutoModelForCausalLM is a teacher: its blocks are
+found as the one nn.ModuleList of config.num_hidden_layers modules (`blocks_path`:
+GPT-2, GPT-Neo, Bloom, Falcon `transformer.h`; GPT-NeoX `gpt_neox.layers`; OPT
+`model.decoder.layers`; Llama, Mistral, Qwen2/3, Phi, Gemma `model.layers`), not
+from a table of families. Tested: GPT-2 by a whole `compress build`, Llama stage
+by stage (distill, export, quantize, eval), and the student's derivation, KV-cache
+generation, reload and ONNX export for Llama, Qwen2, GPT-NeoX, OPT and GPT-Neo.
+An encoder-decoder or a model without one such list is a SourceError naming
+what is supported.
+
+The student keeps a subset of the teacher's blocks, initialised from them
+(`derive_student`), and is built from a config of its own depth with the
+per-layer config lists (layer_types, ...) sliced alike (`student_config`), so
+it generates with a KV cache and reloads with from_pretrained. `train` fits it
+to the teacher with the losses named in `LmDistillConfig.losses`:
 
 - `logit` (off-policy, Hinton et al. 2015): the train texts are run through
   both models and the student matches the teacher's next-token distribution at
@@ -41,15 +52,18 @@ import warnings
 from pathlib import Path
 
 from compress.artifact import Artifact, copy_tokenizer, seal
-from compress.errors import RecipeError, SourceError
+from compress.errors import RecipeError, SourceError, StageError
 from compress.recipe import ExportConfig, LmDistillConfig
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 
-# attribute path of the block list -> config field holding the block count
-_FAMILIES = {"transformer.h": "n_layer", "model.layers": "num_hidden_layers"}
+# A causal-lm teacher is a decoder-only model whose class is one of these kinds
+CAUSAL_LM_KINDS = ("ForCausalLM", "LMHeadModel")
+TESTED_FAMILIES = "GPT-2, Llama, Qwen2, GPT-NeoX, OPT"
+SUPPORTED = (f"task causal-lm distils decoder-only AutoModelForCausalLM models whose blocks are one "
+             f"nn.ModuleList of config.num_hidden_layers modules (tested: {TESTED_FAMILIES})")
 
 
 def _get(obj, dotted: str):
@@ -60,29 +74,97 @@ def _get(obj, dotted: str):
     return obj
 
 
+def num_layers(config) -> int | None:
+    """The config's block count: num_hidden_layers, which attribute_map
+    renames where a family spells it otherwise (GPT-2 n_layer, GPT-Neo num_layers)."""
+    n = getattr(config, "num_hidden_layers", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def blocks_path(model) -> str:
-    """Where the transformer blocks live: 'transformer.h' (GPT-2) or 'model.layers' (Llama)."""
+    """Where the decoder blocks live ('transformer.h' in GPT-2, 'model.layers' in
+    Llama, 'gpt_neox.layers', 'model.decoder.layers' in OPT, ...): the one
+    nn.ModuleList, outermost, whose length is the config's number of hidden
+    layers. Found by that property rather than by a table of paths, so a family
+    nobody listed works when it is built the usual way."""
     import torch
 
-    for path in _FAMILIES:
-        if isinstance(_get(model, path), torch.nn.ModuleList):
-            return path
-    raise SourceError(f"causal LM {type(model).__name__} has neither transformer.h (GPT-2 family) nor "
-                      "model.layers (Llama family); compress distills those two causal-lm families")
+    name, config = type(model).__name__, getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or not name.endswith(CAUSAL_LM_KINDS):
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "not a causal LM"
+        raise SourceError(f"{name} is {kind}; {SUPPORTED}")
+    n = num_layers(config)
+    if n is None:
+        raise SourceError(f"{name}'s config ({type(config).__name__}) has no num_hidden_layers; {SUPPORTED}")
+    lists = [path for path, module in model.named_modules()
+             if path and isinstance(module, torch.nn.ModuleList) and len(module) == n]
+    # a list inside a block (experts, heads) may have n entries too: the blocks hold it
+    outer = [path for path in lists if not any(path.startswith(other + ".") for other in lists)]
+    if len(outer) == 1:
+        return outer[0]
+    found = f"{len(outer)} such lists ({', '.join(outer)})" if outer else "none"
+    raise SourceError(f"{name}: cannot tell which nn.ModuleList holds its {n} decoder blocks, found {found}; "
+                      f"{SUPPORTED}")
+
+
+def per_layer_fields(config, n: int) -> list[str]:
+    """Config fields that hold one entry per block (layer_types, per-layer
+    sliding windows or head counts): the list-valued fields of length n, less
+    the generic ones (architectures, token ids) a list of n may be by chance."""
+    from transformers import PretrainedConfig
+
+    generic = set(PretrainedConfig().to_dict())
+    return [key for key, value in config.to_dict().items()
+            if isinstance(value, list) and len(value) == n and key not in generic and "token_id" not in key]
+
+
+# per-layer lists a config expands on load from another field, which is what it saves: field -> how to set that one
+_EXPANDED = {"attention_layers": lambda kept: {"attention_types": [[kept, 1]]}}  # GPT-Neo
+
+
+def student_config(config, layers: list[int]):
+    """`config` with the blocks `layers` only: the layer count set and each
+    per-layer list sliced, checked to survive save_pretrained/from_pretrained
+    (the student is reloaded by every later stage)."""
+    n = num_layers(config)
+    fields = per_layer_fields(config, n)
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(layers)
+    for key in fields:
+        kept = [getattr(config, key)[i] for i in layers]
+        setattr(config, key, kept)
+        if key in _EXPANDED:
+            for other, value in _EXPANDED[key](kept).items():
+                setattr(config, other, value)
+    try:
+        reloaded = type(config).from_dict(config.to_dict())
+    except (TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"{config.model_type}: the config of a student of layers {layers} does not reload "
+                          f"({first}); {SUPPORTED}") from exc
+    for key in ["num_hidden_layers", *fields]:
+        if getattr(reloaded, key, None) != getattr(config, key):
+            raise SourceError(f"{config.model_type}: the student's config.{key} {getattr(config, key)} reloads as "
+                              f"{getattr(reloaded, key, None)}, so a student of layers {layers} would not survive "
+                              f"from_pretrained; {SUPPORTED}")
+    return config
 
 
 def check_teacher(source: str) -> None:
-    """A causal-lm teacher must be a causal LM; found from its config, before any stage runs."""
+    """A causal-lm teacher must be a decoder-only causal LM; found from its config, before any stage runs."""
     import json
 
     from compress import sources
 
     _, path = sources.check(source, None)
-    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+    config = json.loads((path / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if not any(a.endswith(CAUSAL_LM_KINDS) for a in archs):
         raise SourceError(f"teacher.source: {path} is a {', '.join(archs) or 'model without architectures'}, not a "
                           "causal language model; task causal-lm needs an AutoModelForCausalLM directory "
-                          "(GPT-2 or Llama family, saved with save_pretrained)")
+                          f"saved with save_pretrained (tested: {TESTED_FAMILIES})")
+    if config.get("is_encoder_decoder"):
+        raise SourceError(f"teacher.source: {path} is an encoder-decoder ({', '.join(archs)}); {SUPPORTED}")
 
 
 def load_causal_lm(path: str | Path):
@@ -102,9 +184,11 @@ def derive_student(teacher, layers: list[int]):
     """A copy of `teacher` keeping only the blocks `layers` (in that order),
     initialised from them; embeddings, final norm and LM head are copied.
 
-    The student is built from a config with fewer layers, not by slicing the
-    module list, so per-layer state (attention layer_idx for the KV cache,
-    layer_types) is consistent with its new depth."""
+    The student is built from a config with fewer layers (`student_config`),
+    not by slicing the module list, so what each block knows of its index
+    (the attention's layer_idx, which addresses the KV cache; its layer type,
+    sliding or full attention) is that of its new place, and the student
+    generates with a cache and reloads with from_pretrained."""
     import torch
 
     from compress.models import every_other_layer
@@ -114,21 +198,24 @@ def derive_student(teacher, layers: list[int]):
     if not layers or any(not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
         raise RecipeError(f"student layers {layers} must be distinct indices of the teacher's {n} blocks "
                           f"(0..{n - 1}); pick e.g. {every_other_layer(n)}")
-    config = copy.deepcopy(teacher.config)
-    setattr(config, _FAMILIES[path], len(layers))
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in layers]
+    config = student_config(teacher.config, layers)
     with torch.random.fork_rng():  # the fresh weights are all overwritten: leave the caller's RNG stream alone
         student = type(teacher)(config)
     source = teacher.state_dict()
     prefix = path + "."
     state = {}
-    for key in student.state_dict():
+    for key, value in student.state_dict().items():
+        origin = key
         if key.startswith(prefix):
             index, rest = key[len(prefix):].split(".", 1)
-            state[key] = source[f"{prefix}{layers[int(index)]}.{rest}"].clone()
-        else:
-            state[key] = source[key].clone()
+            origin = f"{prefix}{layers[int(index)]}.{rest}"
+        if origin not in source or source[origin].shape != value.shape:
+            # a family whose blocks differ by index in a way no per-layer config list records
+            got = f"is {tuple(source[origin].shape)}" if origin in source else "does not exist"
+            raise SourceError(f"{type(teacher).__name__}: the student's {key} {tuple(value.shape)} would come from "
+                              f"the teacher's {origin}, which {got}; this family's blocks differ by index (dense and "
+                              f"expert blocks, say), so layers {layers} cannot be kept; {SUPPORTED}")
+        state[key] = source[origin].clone()
     student.load_state_dict(state, strict=True)
     return student.eval()
 
@@ -414,9 +501,15 @@ def export_causal_lm(model, path: str | Path, opset: int = 17) -> Path:
             "logits": {0: "batch", 1: "sequence"}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
-        torch.onnx.export(module, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+        try:
+            torch.onnx.export(module, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False,
+                              do_constant_folding=True)
+        except RuntimeError as exc:  # the exporter's errors (OnnxExporterError) are RuntimeErrors
+            # e.g. a mixture of experts' routing (aten::histc); the exporter's message ends in the whole graph
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StageError(f"export: {type(model).__name__} does not export to ONNX opset {opset}: {first}; try "
+                             f"another stages.export.opset, or a teacher of a tested family ({TESTED_FAMILIES})") from exc
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
 

@@ -21,7 +21,7 @@ class Frozen(BaseModel):
 
 
 class TeacherConfig(Frozen):
-    source: str = Field("example:minilm", description="hf:<dir> | example:minilm | onnx:<file> (ONNX teachers are eval-only: no distill); causal-lm: hf:<dir> of an AutoModelForCausalLM (GPT-2 or Llama family); image-classification: example:efficientnet-lite0-fashion | hf:<dir> of any AutoModelForImageClassification (ResNet, ConvNeXt, MobileNetV2, EfficientNet, ViT, ...; its preprocessor_config.json gives size, mean and std) | an MBConv model directory (config.json + model.safetensors, see compress.vision.save_model)")
+    source: str = Field("example:minilm", description="hf:<dir> | example:minilm | onnx:<file> (ONNX teachers are eval-only: no distill); causal-lm: hf:<dir> of a decoder-only AutoModelForCausalLM whose blocks are one module list (tested: GPT-2, Llama, Qwen2, GPT-NeoX, OPT; encoder-decoders are an error); image-classification: example:efficientnet-lite0-fashion | hf:<dir> of any AutoModelForImageClassification (ResNet, ConvNeXt, MobileNetV2, EfficientNet, ViT, ...; its preprocessor_config.json gives size, mean and std) | an MBConv model directory (config.json + model.safetensors, see compress.vision.save_model)")
     tokenizer: str | None = Field(None, description="Tokenizer directory; needed for onnx: teachers, otherwise the teacher's own")
     max_length: int = Field(256, ge=8, le=4096, description="Longest input in tokens; longer inputs are truncated")
 
@@ -118,7 +118,7 @@ class DistillConfig(Frozen):
 class LmDistillConfig(Frozen):
     """Distillation of a causal LM (task causal-lm); compress/lm_distill.py."""
 
-    layers: list[int] | None = Field(None, description="Teacher layers the student keeps (default: every other, ending with the last)")
+    layers: list[int] | None = Field(None, description="Teacher blocks the student keeps, in this order (default: every other, ending with the last); the blocks are the module list of config.num_hidden_layers entries, whatever the family calls it, and per-layer config lists (layer_types: sliding or full attention) follow the kept blocks")
     losses: list[Literal["logit", "on_policy"]] = Field(["logit"], min_length=1, description="logit: KL(teacher || student) at every token of the train texts (off-policy); on_policy: GKD, the divergence on continuations the student samples from prompts")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the losses (logit KL is scaled by T^2)")
     beta: float = Field(0.9, ge=0, le=1, description="on_policy divergence: 0 forward KL, 1 reverse KL, between the generalized JSD(beta); 0.9 leans to the mode-seeking reverse KL")

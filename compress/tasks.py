@@ -125,7 +125,7 @@ def _check_causal_lm(recipe) -> None:
                           "use hf:<dir> of an AutoModelForCausalLM (save it with save_pretrained)")
     if teacher.startswith("example:"):
         raise RecipeError(f"teacher.source: {teacher} is a BERT encoder, not a causal language model; "
-                          "use hf:<dir> of an AutoModelForCausalLM (GPT-2 or Llama family)")
+                          "use hf:<dir> of an AutoModelForCausalLM (tested: GPT-2, Llama, Qwen2, GPT-NeoX, OPT)")
     for where, s in [("data.train", d.train), *((f"data.eval[{i}]", e) for i, e in enumerate(d.eval))]:
         if s.label_field is not None:
             raise RecipeError(f"{where}.label_field: labels are read for task classification only; drop label_field")

@@ -119,3 +119,16 @@ def test_config_student_exports_teacher_width_embeddings(tiny_teacher, tmp_path)
     with torch.inference_mode():
         want = make_sentence_encoder(torch_model).eval()(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     assert got.shape == (3, 32) and np.abs(got - want).max() < 1e-4
+
+
+def test_compare_counts_two_zero_rows_as_agreeing():
+    import numpy as np
+
+    from compress.export import compare
+
+    a = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]], np.float32)
+    assert compare(a, a.copy()) == {"max_abs_diff": 0.0, "mean_cosine": pytest.approx(1.0),
+                                    "min_cosine": pytest.approx(1.0)}
+    # a zero row against a non-zero one does not agree
+    b = np.array([[1.0, 0.0, 0.0], [1.0, 2.0, 3.0]], np.float32)
+    assert compare(a, b)["min_cosine"] == 0.0

@@ -135,25 +135,6 @@ def test_derive_student_gpt2_copies_chosen_blocks(lm):
     assert out.shape == (1, 8)
 
 
-def test_derive_student_llama_family():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                           num_attention_heads=4, num_key_value_heads=2,
-                                           max_position_embeddings=64)).eval()
-    student = derive_student(teacher, [1, 3])
-    assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
-    assert torch.equal(student.model.layers[1].mlp.down_proj.weight, teacher.model.layers[3].mlp.down_proj.weight)
-    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
-    ids = torch.randint(0, 40, (2, 7))
-    with torch.no_grad():
-        assert student(input_ids=ids).logits.shape == (2, 7, 40)
-    out = student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                           pad_token_id=0)
-    assert out.shape == (2, 11)
-
-
 def test_derive_student_errors_say_what_to_pick(lm):
     with pytest.raises(RecipeError, match=r"0\.\.1"):
         derive_student(lm["teacher"], [0, 2])
@@ -163,7 +144,7 @@ def test_derive_student_errors_say_what_to_pick(lm):
 
     bert = BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64))
-    with pytest.raises(SourceError, match="transformer.h"):
+    with pytest.raises(SourceError, match="BertModel is not a causal LM; task causal-lm distils decoder-only"):
         derive_student(bert, [0])
 
 
@@ -385,3 +366,243 @@ def test_on_policy_batches_load_the_teacher_once_with_the_cache_on(lm, tmp_path)
     assert calls == [1] and second["teacher_outputs"]["cached"]
     assert second["teacher_forwards"] == second["on_policy_steps"] > 0
     assert second["history"] == pytest.approx(first["history"])
+
+
+# -- any decoder family ----------------------------------------------------------------
+# Tiny configs (3 blocks, width 32) of Hugging Face decoder families, with the
+# path of their block list. The first five get the student's whole contract
+# below; the others show the block list is found where each family keeps it.
+FAMILIES = {
+    "llama": ("model.layers", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2)),
+    # sliding-window attention in blocks 1 and 2 (config.layer_types): the student's
+    # cache and mask must know which of its own blocks slide
+    "qwen2": ("model.layers", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1)),
+    "gpt_neox": ("gpt_neox.layers", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4)),
+    "opt": ("model.decoder.layers", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                                         word_embed_proj_dim=32)),
+    # local attention in block 2 (config.attention_layers, which GPT-Neo expands from attention_types on load)
+    "gpt_neo": ("transformer.h", dict(hidden_size=32, num_layers=3, num_heads=4, window_size=4,
+                                      attention_types=[[["global", "global", "local"], 1]])),
+    "gpt2": ("transformer.h", dict(n_embd=32, n_layer=3, n_head=4)),
+    "mistral": ("model.layers", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                     num_key_value_heads=2)),
+    "qwen3": ("model.layers", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8)),
+    "phi": ("model.layers", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)),
+    "gemma2": ("model.layers", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, sliding_window=4)),
+    "bloom": ("transformer.h", dict(hidden_size=32, n_layer=3, n_head=4)),
+    "falcon": ("transformer.h", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4)),
+}
+DERIVED = ["llama", "qwen2", "gpt_neox", "opt", "gpt_neo"]
+KEPT = [2, 0]  # every kept block moves, and their order is reversed
+# what a block knows of its kind, which must follow it to its new place
+KIND_ATTRIBUTES = ("attention_type", "sliding_window", "is_sliding", "window_size")
+
+
+def tiny_decoder(family: str, tokenizer, **changes):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), max_position_embeddings=64,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, **{**FAMILIES[family][1], **changes})
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def blocks_of(model):
+    from compress.lm_distill import _get, blocks_path
+
+    return list(_get(model, blocks_path(model)))
+
+
+def padded_batch(vocab: int):
+    """Random tokens, another batch and length than the export's dummy, ragged right padding."""
+    rs = np.random.RandomState(0)
+    ids = rs.randint(4, vocab, size=(3, 21)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 15:] = 0
+    mask[2, 6:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_block_list_is_found_in_each_family(family):
+    from compress.lm_distill import blocks_path
+
+    model = tiny_decoder(family, word_tokenizer())
+    assert blocks_path(model) == FAMILIES[family][0]
+
+
+@pytest.fixture(scope="module", params=DERIVED)
+def family(request):
+    tok = word_tokenizer()
+    teacher = tiny_decoder(request.param, tok)
+    return {"name": request.param, "teacher": teacher, "student": derive_student(teacher, KEPT), "tokenizer": tok}
+
+
+def test_a_student_of_each_family_keeps_its_blocks_at_their_new_index(family):
+    from compress.lm_distill import per_layer_fields
+
+    teacher, student = family["teacher"], family["student"]
+    assert student.config.num_hidden_layers == len(blocks_of(student)) == 2
+    lists = per_layer_fields(teacher.config, 3)
+    assert lists == {"qwen2": ["layer_types"], "gpt_neo": ["attention_layers"]}.get(family["name"], [])
+    for key in lists:
+        assert getattr(student.config, key) == [getattr(teacher.config, key)[i] for i in KEPT]
+        assert getattr(student.config, key) != getattr(teacher.config, key)[:2]  # sliced, not cut short
+    if family["name"] == "gpt_neo":  # what transformers 4 expands attention_layers from on load agrees
+        assert student.config.expand_attention_types_params(student.config.attention_types) == \
+            student.config.attention_layers
+    for new, old in enumerate(KEPT):
+        s_block, t_block = blocks_of(student)[new], blocks_of(teacher)[old]
+        for (name, s), (_, t) in zip(s_block.named_parameters(), t_block.named_parameters()):
+            assert torch.equal(s, t) and s.data_ptr() != t.data_ptr(), name
+        # the index the KV cache is addressed by is the block's new one
+        indices = {getattr(m, a) for m in s_block.modules() for a in ("layer_idx", "layer_id") if hasattr(m, a)}
+        assert indices == {new}
+        kinds = [(a, getattr(m, a)) for m in s_block.modules() for a in KIND_ATTRIBUTES if hasattr(m, a)]
+        assert kinds == [(a, getattr(m, a)) for m in t_block.modules() for a in KIND_ATTRIBUTES if hasattr(m, a)]
+
+
+def test_a_student_of_each_family_generates_the_same_with_and_without_kv_cache(family):
+    student = family["student"]
+    # prompt + continuation (15 tokens) pass the sliding and local windows (4)
+    prompt = torch.randint(4, len(family["tokenizer"]), (2, 5), generator=torch.Generator().manual_seed(1))
+    runs = [student.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                             do_sample=False, use_cache=cache, pad_token_id=0, eos_token_id=None,
+                             output_scores=True, return_dict_in_generate=True) for cache in (True, False)]
+    cached, uncached = runs
+    assert cached.sequences.shape == (2, 15)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert cached.past_key_values is not None and uncached.past_key_values is None
+    assert torch.allclose(torch.stack(cached.scores), torch.stack(uncached.scores), atol=1e-5)
+
+
+def test_a_student_of_each_family_reloads_with_from_pretrained(family, tmp_path):
+    from compress.lm_distill import load_causal_lm, per_layer_fields
+
+    student = family["student"]
+    student.save_pretrained(tmp_path)
+    reloaded = load_causal_lm(tmp_path)
+    for key in ["num_hidden_layers", *per_layer_fields(student.config, 2)]:
+        assert getattr(reloaded.config, key) == getattr(student.config, key)
+    ids, mask = (torch.from_numpy(a) for a in padded_batch(len(family["tokenizer"])))
+    with torch.no_grad():
+        want = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = reloaded(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(got, want)
+
+
+def test_a_student_of_each_family_exports_to_onnx(family, tmp_path):
+    import onnxruntime as ort
+
+    student = family["student"]
+    path = export_causal_lm(student, tmp_path / "lm.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, mask = padded_batch(len(family["tokenizer"]))
+    got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        want = student(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                       use_cache=False).logits.numpy()
+    assert got.shape == want.shape == (3, 21, len(family["tokenizer"]))
+    real = mask.astype(bool)
+    assert np.abs(got[real] - want[real]).max() < 1e-4
+
+
+def unsupported(case: str):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = word_tokenizer()
+    if case == "encoder-decoder":
+        return T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=32, d_ff=64, num_layers=2, num_heads=4,
+                                                   d_kv=8))
+    model = tiny_decoder("llama", tok)
+    if case == "no block list":
+        model.config.num_hidden_layers = 5
+    if case == "two block lists":
+        model.model.shadow = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+    return model
+
+
+@pytest.mark.parametrize("case, message", [
+    ("encoder-decoder", "T5ForConditionalGeneration is an encoder-decoder; task causal-lm distils decoder-only"),
+    ("no block list", "LlamaForCausalLM: cannot tell which nn.ModuleList holds its 5 decoder blocks, found none; "),
+    ("two block lists", "LlamaForCausalLM: cannot tell which nn.ModuleList holds its 3 decoder blocks, found 2 such "
+                        "lists (model.layers, model.shadow); "),
+])
+def test_a_model_without_one_block_list_says_what_is_supported(case, message):
+    with pytest.raises(SourceError) as exc:
+        derive_student(unsupported(case), [0])
+    text = str(exc.value)
+    assert text.startswith(message) and "\n" not in text
+    assert text.endswith("nn.ModuleList of config.num_hidden_layers modules (tested: GPT-2, Llama, Qwen2, GPT-NeoX, OPT)")
+
+
+def test_lists_of_block_count_inside_the_blocks_are_not_taken_for_them():
+    from compress.lm_distill import blocks_path
+
+    model = tiny_decoder("llama", word_tokenizer())
+    for block in model.model.layers:  # three experts in each of three blocks
+        block.mlp.experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+    assert blocks_path(model) == "model.layers"
+
+
+def test_a_per_layer_list_that_would_not_reload_is_an_error():
+    from transformers import PretrainedConfig
+
+    from compress.lm_distill import student_config
+
+    class Derived(PretrainedConfig):
+        """Expands its per-layer kinds from a repeated pattern on load, as GPT-Neo's
+        config does in transformers 4 (compress rewrites GPT-Neo's pattern, not this one's)."""
+        model_type = "derived"
+
+        def __init__(self, num_hidden_layers=3, pattern=("local", "full"), **kwargs):
+            super().__init__(**kwargs)
+            self.num_hidden_layers = num_hidden_layers
+            self.pattern = list(pattern)
+            self.layer_kinds = [pattern[i % len(pattern)] for i in range(num_hidden_layers)]
+
+    config = student_config(Derived(), [0, 1])  # a prefix reloads as it was
+    assert (config.num_hidden_layers, config.layer_kinds) == (2, ["local", "full"])
+    with pytest.raises(SourceError, match=r"^derived: the student's config\.layer_kinds \['local', 'local'\] reloads "
+                                          r"as \['local', 'full'\], so a student of layers \[2, 0\] would "
+                                          r"not survive from_pretrained; task causal-lm distils"):
+        student_config(Derived(), KEPT)
+
+
+def test_blocks_that_differ_by_index_beyond_the_config_lists_are_an_error():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    # block 1 is dense, blocks 0 and 2 mixtures of experts (mlp_only_layers lists indices, not one entry per block)
+    teacher = Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                                 moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                                 num_experts=3, num_experts_per_tok=2, num_hidden_layers=3,
+                                                 num_attention_heads=4, num_key_value_heads=2, mlp_only_layers=[1]))
+    with pytest.raises(SourceError, match=r"^Qwen2MoeForCausalLM: the student's model\.layers\.1\.mlp\.gate_proj"
+                                          r"\.weight \(64, 32\) would come from the teacher's model\.layers\.0\.mlp"
+                                          r"\.gate_proj\.weight, which does not exist; this family's blocks differ"):
+        derive_student(teacher, KEPT)
+    assert derive_student(teacher, [0, 1]).config.num_hidden_layers == 2  # each block kept at its kind's place
+
+
+def test_a_family_the_exporter_cannot_trace_is_one_line(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from compress.errors import StageError
+
+    # a mixture of experts: the blocks derive (the experts are tensors, not a module list), the routing does not export
+    teacher = MixtralForCausalLM(MixtralConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                                               num_experts_per_tok=2, max_position_embeddings=64)).eval()
+    student = derive_student(teacher, KEPT)
+    with pytest.raises(StageError) as exc:
+        export_causal_lm(student, tmp_path / "lm.onnx")
+    text = str(exc.value)
+    assert text.startswith("export: MixtralForCausalLM does not export to ONNX opset 17: ") and "\n" not in text
+    assert text.endswith("or a teacher of a tested family (GPT-2, Llama, Qwen2, GPT-NeoX, OPT)")
