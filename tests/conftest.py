@@ -76,6 +76,12 @@ bench: {{runs: 6, rounds: 2, warmup: 2, rss: false}}
 """
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m compress ...` in `cwd`, importing this checkout's compress (not
+    whichever one is installed), like the tests themselves."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run([sys.executable, "-m", "compress", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
