@@ -293,7 +293,6 @@ def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: Disti
 
     from compress import teacher_cache
     from compress.distill import relations
-    from compress.errors import CacheError
 
     use_feature, use_attention = "feature" in cfg.losses, "attention" in cfg.losses
     targets = [l + 1 for l in layers] if use_feature else []
@@ -302,12 +301,7 @@ def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: Disti
                 "relations": {"layer": layers[-1], "heads": cfg.relation_heads} if use_attention else None}
 
     def runner():
-        model = teacher
-        if model is None and source is not None and source.load is not None:
-            model = source.load()
-        if model is None:
-            raise CacheError(f"{desc}: teacher outputs are not cached under {getattr(source, 'cache_root', None)} "
-                             "and no teacher model was given; pass the teacher model to classify.train()")
+        model = teacher_cache.teacher_model(teacher, source, desc, "classify.train()")
         t_clf = make_classifier(model).eval()
         last = layouts.blocks(model.base_model)[layers[-1]]
 

@@ -292,7 +292,6 @@ def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: Disti
     import torch
 
     from compress import teacher_cache
-    from compress.errors import CacheError
     from compress.models import make_sentence_encoder
 
     use_attention = "attention" in cfg.losses
@@ -301,12 +300,7 @@ def teacher_outputs(teacher, layers: list[int], encoded, pad_id: int, cfg: Disti
                 "relations": {"layer": layers[-1], "heads": cfg.relation_heads} if use_attention else None}
 
     def runner():
-        model = teacher
-        if model is None and source is not None and source.load is not None:
-            model = source.load()
-        if model is None:
-            raise CacheError(f"{desc}: teacher outputs are not cached under {getattr(source, 'cache_root', None)} "
-                             "and no teacher model was given; pass the teacher model to distill.train()")
+        model = teacher_cache.teacher_model(teacher, source, desc, "distill.train()")
         t_enc = make_sentence_encoder(model).eval()
 
         def run(ids, mask):

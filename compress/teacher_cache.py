@@ -53,6 +53,19 @@ class TeacherSource:
     load: Callable[[], Any] | None = None
 
 
+def teacher_model(teacher, source: TeacherSource | None, desc: str, caller: str):
+    """The teacher to run when an entry must be computed: the one given, else the
+    source's loader's; a CacheError when there is neither."""
+    from compress.errors import CacheError
+
+    if teacher is None and source is not None and source.load is not None:
+        teacher = source.load()
+    if teacher is None:
+        raise CacheError(f"{desc}: teacher outputs are not cached under {getattr(source, 'cache_root', None)} "
+                         f"and no teacher model was given; pass the teacher model to {caller}")
+    return teacher
+
+
 def ids_digest(encoded: Sequence[Sequence[int]]) -> str:
     """sha256 of the token ids: covers the texts, the tokenizer and truncation."""
     h = hashlib.sha256()
