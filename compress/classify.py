@@ -95,13 +95,13 @@ def check_head(model, where) -> None:
     diff = float((ours - theirs).abs().max()) if ours.shape == theirs.shape else float("inf")
     if diff > 1e-3 * max(1.0, float(theirs.abs().max())):
         raise SourceError(f"teacher {where}: {type(model).__name__}'s classification head is not one compress "
-                          f"knows (logits differ by {diff:.2g}); supported: BERT-style pooler, DistilBERT's "
+                          f"knows (logits differ by {diff:.2g}); supported: BERT/DeBERTa-style pooler, DistilBERT's "
                           "pre_classifier and RoBERTa/ELECTRA-style heads")
 
 
 def head(model, hidden):
     """(logits, the vector the classifier reads). BERT: pooler(tanh(dense([CLS])))
-    -> linear; DistilBERT: pre_classifier -> ReLU on [CLS] -> linear;
+    -> linear (DeBERTa: its ContextPooler); DistilBERT: pre_classifier -> ReLU on [CLS] -> linear;
     RoBERTa/ELECTRA/MPNet-style heads read the sequence themselves."""
     import torch
 
@@ -109,7 +109,8 @@ def head(model, hidden):
     if pre is not None:  # DistilBertForSequenceClassification
         pooled = torch.relu(pre(hidden[:, 0]))
         return model.classifier(pooled), pooled
-    pooler = getattr(model.base_model, "pooler", None)
+    # BERT keeps its pooler in the encoder, DeBERTa (ContextPooler) in the task model
+    pooler = getattr(model.base_model, "pooler", None) or getattr(model, "pooler", None)
     if pooler is not None and isinstance(model.classifier, torch.nn.Linear):
         pooled = pooler(hidden)
         return model.classifier(pooled), pooled

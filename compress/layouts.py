@@ -11,12 +11,14 @@ families differ only in names:
 - `mpnet`: MPNet (all-mpnet-base-v2); its layers take a relative position bias
   the encoder computes once per forward, shared across heads' layers, so its heads
   cannot be pruned or narrowed one layer at a time;
+- `deberta-v2`: DeBERTa-v2 and -v3; its layers take relative positions and
+  the encoder's relative embeddings, and a multiplicative mask; heads as MPNet;
 - `distilbert`: DistilBERT (`transformer.layer[i].attention.q_lin`).
 
 A layout is found from the model's structure, not its name, and `check`
 verifies it: our layer loop must give the model's own last hidden state on a
 padded probe batch, so a family with other inputs to its layers (DeBERTa's
-relative embeddings, ALBERT's shared layers, rotary ModernBERT) is refused with
+ALBERT's shared layers, rotary ModernBERT) is refused with
 one line instead of being silently distilled wrong.
 """
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 from compress.errors import RecipeError, SourceError
 
-SUPPORTED = "BERT, RoBERTa, XLM-RoBERTa, ELECTRA, MPNet and DistilBERT"
+SUPPORTED = "BERT, RoBERTa, XLM-RoBERTa, ELECTRA, MPNet, DeBERTa-v2/v3 and DistilBERT"
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,18 @@ MPNET = Layout("mpnet", "encoder.layer", "attention.attn",
                {"query": "attention.attn.q", "key": "attention.attn.k", "value": "attention.attn.v",
                 "attention_output": "attention.attn.o", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
                ("num_attention_heads", "all_head_size"), prunable_heads=False)
+# DeBERTa-v2/v3: disentangled attention over relative positions (its encoder's
+# relative embeddings, shared by every layer) and a multiplicative [b, 1, s, s] mask.
+DEBERTA = Layout("deberta-v2", "encoder.layer", "attention.self",
+                 {"query": "attention.self.query_proj", "key": "attention.self.key_proj",
+                  "value": "attention.self.value_proj", "attention_output": "attention.output.dense",
+                  "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
+                 ("num_attention_heads", "all_head_size"), prunable_heads=False)
 DISTILBERT = Layout("distilbert", "transformer.layer", "attention",
                     {"query": "attention.q_lin", "key": "attention.k_lin", "value": "attention.v_lin",
                      "attention_output": "attention.out_lin", "ffn_in": "ffn.lin1", "ffn_out": "ffn.lin2"},
                     ("n_heads",))
-LAYOUTS = (BERT, MPNET, DISTILBERT)
+LAYOUTS = (BERT, MPNET, DEBERTA, DISTILBERT)
 
 
 def get(obj, dotted: str):
@@ -157,18 +166,21 @@ def set_heads(layer, heads: int) -> None:
 def check_heads_prunable(model, what: str) -> None:
     layout = of(model)
     if not layout.prunable_heads:
-        raise RecipeError(f"{what}: a {layout.name} encoder's layers share one relative position bias per head, so "
+        raise RecipeError(f"{what}: a {layout.name} encoder's layers share relative position terms per head, so "
                           "its heads cannot be removed or narrowed per layer; remove the heads/hidden setting "
                           "(layers and FFN width can be reduced)")
 
 
-def embed(model, input_ids):
+def embed(model, input_ids, attention_mask=None):
     """The embedding layer's output (the first hidden state)."""
     import torch
 
     base = base_of(model)
     layout = of(base)
-    if layout is DISTILBERT:
+    if layout is DEBERTA:  # its embeddings zero the padded positions
+        hidden = base.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids),
+                                 mask=attention_mask)
+    elif layout is DISTILBERT:
         hidden = base.embeddings(input_ids)
     elif layout is MPNET:
         hidden = base.embeddings(input_ids=input_ids)
@@ -189,15 +201,25 @@ def layer_kwargs(model, hidden) -> dict:
 def run(model, input_ids, attention_mask):
     """Every hidden state (embeddings first), with an additive mask built here: transformers'
     masking utilities trace to shape-specialised ONNX graphs, this does not."""
-    hidden = embed(model, input_ids)
-    keep = attention_mask[:, None, None, :].to(hidden.dtype)
-    additive = (1.0 - keep) * -10000.0
-    extra = layer_kwargs(model, hidden)
+    base = base_of(model)
+    hidden = embed(base, input_ids, attention_mask)
+    conv = None
+    if of(base) is DEBERTA:
+        encoder = base.encoder
+        layer_mask = encoder.get_attention_mask(attention_mask)
+        extra = {"relative_pos": encoder.get_rel_pos(hidden), "rel_embeddings": encoder.get_rel_embedding()}
+        conv = encoder.conv  # DeBERTa-v2's convolution after the first layer (None in v3)
+    else:
+        keep = attention_mask[:, None, None, :].to(hidden.dtype)
+        layer_mask = (1.0 - keep) * -10000.0
+        extra = layer_kwargs(base, hidden)
     states = [hidden]
-    for layer in blocks(model):
-        hidden = layer(hidden, attention_mask=additive, **extra)
-        if isinstance(hidden, tuple):  # older transformers and MPNet return tuples
+    for i, layer in enumerate(blocks(base)):
+        hidden = layer(hidden, attention_mask=layer_mask, **extra)
+        if isinstance(hidden, tuple):  # older transformers, MPNet and DeBERTa return tuples
             hidden = hidden[0]
+        if i == 0 and conv is not None:
+            hidden = conv(states[0], hidden, attention_mask)
         states.append(hidden)
     return states
 

@@ -29,7 +29,11 @@ def tiny(kind: str, task: str = "base"):
         "mpnet": lambda: T.MPNetConfig(**common),
         "distilbert": lambda: T.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=3, n_heads=4, hidden_dim=64,
                                                  max_position_embeddings=130),
-        "deberta-v2": lambda: T.DebertaV2Config(**common),
+        # v3's settings: relative attention over 2 x 16 position buckets, c2p|p2c, shared keys
+        "deberta-v2": lambda: T.DebertaV2Config(**common, relative_attention=True, position_buckets=16,
+                                                pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                                                share_att_key=True, max_relative_positions=-1,
+                                                position_biased_input=False),
         "albert": lambda: T.AlbertConfig(**common, embedding_size=16),
     }[kind]()
     if task == "classifier":
@@ -56,7 +60,7 @@ def own_hidden(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
-FAMILIES = ["roberta", "electra", "mpnet", "distilbert"]
+FAMILIES = ["roberta", "electra", "mpnet", "deberta-v2", "distilbert"]
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -68,7 +72,7 @@ def test_derived_student_runs_exports_and_reloads(kind, tmp_path):
     from compress.models import derive_student, load_hf_encoder, make_sentence_encoder
 
     teacher = tiny(kind)
-    expected = {"distilbert": "distilbert", "mpnet": "mpnet"}.get(kind, "bert")
+    expected = {"distilbert": "distilbert", "mpnet": "mpnet", "deberta-v2": "deberta-v2"}.get(kind, "bert")
     assert layouts.check(teacher, kind).name == expected
     student = derive_student(teacher, [0, 2])
     assert len(layouts.blocks(student)) == 2 and student.config.num_hidden_layers == 2
@@ -138,26 +142,33 @@ def test_prune_and_narrow_follow_the_layout(kind, tmp_path):
 def test_families_compress_cannot_run_are_refused_in_one_line():
     from compress import layouts
 
-    for kind in ("deberta-v2", "albert"):
+    for kind in ("albert",):
         with pytest.raises(SourceError) as err:
             layouts.check(tiny(kind), kind)
         assert "\n" not in str(err.value) and "supported encoder families" in str(err.value)
 
 
-def test_mpnet_heads_cannot_be_pruned_or_narrowed():
+@pytest.mark.parametrize("kind", ["mpnet", "deberta-v2"])
+def test_relative_position_heads_cannot_be_pruned_or_narrowed_but_ffn_can(kind):
+    import torch
+
+    from compress import layouts
     from compress import prune as pruning
     from compress.models import narrow_hidden
 
-    model = tiny("mpnet")
-    with pytest.raises(RecipeError, match="relative position bias"):
+    model = tiny(kind)
+    with pytest.raises(RecipeError, match="relative position terms"):
         narrow_hidden(model, 16)
     with pytest.raises(RecipeError, match="stages.prune.heads"):
         pruning.apply_plan(model, {"heads": {"0": [0, 1]}})
-    pruning.apply_plan(model, {"ffn": {"0": list(range(32))}})  # FFN width is fine
-    assert pruning.structure(model)["ffn"][0] == 32
+    pruning.apply_plan(model, pruning.make_plan(model, heads=0, ffn=0.5, kind="magnitude"))
+    assert pruning.structure(model)["ffn"] == [32, 32, 32]
+    ids, mask = probe()
+    keep = mask.bool()
+    assert torch.allclose(layouts.run(model, ids, mask)[-1][keep], own_hidden(model, ids, mask)[keep], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["distilbert", "roberta", "mpnet"])
+@pytest.mark.parametrize("kind", ["distilbert", "roberta", "mpnet", "deberta-v2"])
 def test_classifier_heads_of_other_families(kind, tmp_path):
     import torch
 
