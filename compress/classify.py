@@ -19,7 +19,7 @@ import numpy as np
 from compress import layouts
 from compress.artifact import Artifact, copy_tokenizer, seal
 from compress.encoders import Encoder, OnnxEncoder
-from compress.errors import SourceError
+from compress.errors import RecipeError, SourceError
 from compress.recipe import DistillConfig, ExportConfig
 
 log = logging.getLogger(__name__)
@@ -328,11 +328,17 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
 
     out: Path = ctx.out
     teacher = load_hf_classifier(src.path)
-    layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
-    student = derive_student(teacher, layers)
+    config_meta = {}
+    if cfg.student.config is not None:
+        student, layers, config_meta = config_classifier(teacher, cfg, max(cfg.max_length, ctx.max_length))
+    else:
+        layers = cfg.student.layers or every_other_layer(teacher.config.num_hidden_layers)
+        student = derive_student(teacher, layers)
     tokenizer = load_tokenizer(src.path)
     # As for embeddings: narrow the encoder first; distillation recovers what it carried.
-    plan = narrow(student.base_model, teacher.base_model, layers, ctx.train_texts, tokenizer, cfg)
+    # A config student has the shape its config gives (the recipe forbids heads/ffn beside it).
+    plan = None if config_meta else narrow(student.base_model, teacher.base_model, layers, ctx.train_texts,
+                                           tokenizer, cfg)
     num_labels, teacher_params = teacher.config.num_labels, count_params(teacher)
     # The student now holds what it needs of the teacher (its copied weights);
     # training reloads the teacher only if its outputs are not cached yet (as lm_distill).
@@ -356,9 +362,47 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         "params": count_params(student),
         "teacher_params": teacher_params,
         **stats,
+        **config_meta,
         "train_inputs": len(ctx.train_texts),
         "tokenizer_files": tokenizer_files,
     })
+
+
+def config_classifier(teacher, cfg: DistillConfig, max_length: int):
+    """(student, the teacher layer each student layer learns, meta): a sequence
+    classifier of the teacher's type built from student.config (models.config_student:
+    random layers, the teacher's embeddings at the kept residual dimensions). Of the
+    same width as the teacher, it starts with the teacher's head (pooler and
+    classifier; its layers stay random, as no teacher layer has their config); a narrower one starts with a fresh head, and its pooled features
+    and hidden states have another width, so the feature loss is refused for it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from compress.models import config_layers, config_student
+
+    base, copied = config_student(teacher.base_model, cfg.student.config, max_length, cfg.seed)
+    copied = [f"{teacher.base_model_prefix}.{name}" for name in copied]  # the classifier's parameter names
+    base.__dict__.pop("sentence_projection", None)  # a sentence encoder's output projection: not a classifier's
+    narrower = base.config.hidden_size != teacher.config.hidden_size
+    if narrower and "feature" in cfg.losses:
+        raise RecipeError(f"stages.distill.student.config: hidden_size {base.config.hidden_size} differs from the "
+                          f"teacher's {teacher.config.hidden_size}, so the feature loss has nothing to compare; "
+                          "use losses [logit] or [logit, attention] for a narrower classifier")
+    torch.manual_seed(cfg.seed)
+    student = AutoModelForSequenceClassification.from_config(base.config, attn_implementation="eager")
+    setattr(student, teacher.base_model_prefix, base)
+    if not narrower:  # the head (and BERT's pooler) reads the same width: start from the teacher's
+        layer_names = f"{teacher.base_model_prefix}.{layouts.of(teacher).blocks}."
+        own = dict(student.named_parameters())
+        with torch.no_grad():
+            for name, t in teacher.named_parameters():
+                if not name.startswith(layer_names) and name not in copied and name in own \
+                        and own[name].shape == t.shape:
+                    own[name].copy_(t)
+                    copied.append(name)
+    layers = config_layers(cfg.student.layers, base.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    source = cfg.student.config if isinstance(cfg.student.config, str) else "recipe"
+    return student.eval(), layers, {"student_config": {"source": source, "from_teacher": copied}}
 
 
 # -- export -------------------------------------------------------------------

@@ -411,10 +411,10 @@ def distill(src: Artifact, cfg: DistillConfig, ctx) -> Artifact:
         from compress.errors import RecipeError
         raise RecipeError(f"stages.distill.student.hidden: a narrower hidden width is implemented for task embedding "
                           f"only, not {task}; drop hidden (student.layers/ffn/heads still apply)")
-    if task != "embedding" and student_cfg is not None and student_cfg.config is not None:
+    if task not in ("embedding", "classification") and student_cfg is not None and student_cfg.config is not None:
         from compress.errors import RecipeError
-        raise RecipeError(f"stages.distill.student.config: a student given as a config is implemented for task "
-                          f"embedding only, not {task}; drop config (student.layers/ffn/heads "
+        raise RecipeError(f"stages.distill.student.config: a student given as a config is implemented for tasks "
+                          f"embedding and classification, not {task}; drop config (student.layers/ffn/heads "
                           "derive the student from the teacher)")
     if src.meta.get("task") == "image-classification":  # a CNN on images
         from compress import vision

@@ -149,6 +149,39 @@ def test_hard_labels_and_narrowing(teacher_dir, tmp_path):
     assert TorchClassifier(art.path, 64).embed(["a cat"]).shape == (1, 2)
 
 
+def test_a_student_given_as_a_config(teacher_dir, tmp_path):
+    """student.config for a classifier: a narrower 2-layer config student learns the
+    teacher by logit KD (agreement rises above its own start), reloads as a plain
+    checkpoint of its config; the feature loss is refused for it in one line; a
+    same-width one starts from the teacher's head."""
+    from compress.classify import TorchClassifier, fidelity, load_hf_classifier
+    from compress.distill import distill
+
+    texts, _ = toy(320, seed=3)
+    narrow = {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    with pytest.raises(RecipeError, match="use losses \\[logit\\]"):
+        distill(artifact(teacher_dir), DistillConfig(student=StudentConfig(config=narrow, ffn=0)), 
+                context(tmp_path / "refused", texts))
+    cfg = DistillConfig(student=StudentConfig(config=narrow, ffn=0), losses=["logit"], epochs=3, batch_size=16,
+                        max_length=32, lr=3e-3)
+    art = distill(artifact(teacher_dir), cfg, context(tmp_path / "narrow", texts))
+    meta = art.meta
+    assert meta["layers"] == [1, 3] and meta["structure"]["hidden"] == 16
+    assert "bert.embeddings.word_embeddings.weight" in meta["student_config"]["from_teacher"]
+    assert meta["params"] < 0.6 * meta["teacher_params"]
+    assert meta["logit_loss_last"] < 0.75 * meta["logit_loss_first"]
+    model = load_hf_classifier(art.path)  # a plain checkpoint of the smaller config, no plan
+    assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 2
+    held, _ = toy(200, seed=7)
+    teacher = TorchClassifier(teacher_dir, 64).embed(held)
+    assert fidelity(TorchClassifier(art.path, 64).embed(held), teacher)["agreement"] > 0.8
+
+    same = DistillConfig(student=StudentConfig(config={"num_hidden_layers": 1}, ffn=0), losses=["logit", "feature"],
+                         max_steps=1, batch_size=16, max_length=32)
+    art = distill(artifact(teacher_dir), same, context(tmp_path / "same", texts))
+    assert {"classifier.weight", "bert.pooler.dense.weight"} <= set(art.meta["student_config"]["from_teacher"])
+
+
 def test_teacher_outputs_are_cached_and_a_rebuild_does_not_run_the_teacher(teacher_dir, tmp_path, monkeypatch):
     """The first distill stores the teacher's logits (and what feature and attention
     read) in one entry; a fresh distill with the same settings, or another lr and
