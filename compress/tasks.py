@@ -69,9 +69,10 @@ def check_recipe(recipe) -> None:
     if distill is not None and recipe.task != "embedding" and distill.student.hidden is not None:
         raise RecipeError(f"stages.distill.student.hidden: a narrower hidden width is implemented for task embedding "
                           f"only, not {recipe.task}; drop hidden (student.ffn and student.heads narrow the student)")
-    if distill is not None and recipe.task != "embedding" and distill.student.config is not None:
-        raise RecipeError(f"stages.distill.student.config: a student given as a config is implemented for task "
-                          f"embedding only, not {recipe.task}; drop config (student.layers, ffn and heads derive the "
+    if distill is not None and recipe.task not in ("embedding", "classification") \
+            and distill.student.config is not None:
+        raise RecipeError(f"stages.distill.student.config: a student given as a config is implemented for tasks "
+                          f"embedding and classification, not {recipe.task}; drop config (student.layers, ffn and heads derive the "
                           "student from the teacher)")
     if distill is not None and distill.student.channels != _default("channels"):
         raise RecipeError("stages.distill.student.channels: narrows CNN blocks (task image-classification); "

@@ -482,8 +482,9 @@ def test_config_student_errors_at_the_stage(tiny_teacher, tmp_path):
     with pytest.raises(RecipeError, match=r"hidden_size 17 is not divisible by num_attention_heads 2"):
         distill(src, DistillConfig(student=StudentConfig(config={"hidden_size": 17}), max_steps=1),
                 context(tmp_path / "c", make_texts(10)))
-    bad = type(src)(path=src.path, kind=src.kind, digest=src.digest, meta={"task": "classification"})
-    with pytest.raises(RecipeError, match="config is implemented for task embedding only, not classification"):
+    bad = type(src)(path=src.path, kind=src.kind, digest=src.digest, meta={"task": "image-classification"})
+    with pytest.raises(RecipeError, match="config is implemented for tasks embedding and classification, "
+                                          "not image-classification"):
         distill(bad, DistillConfig(student=StudentConfig(config=SMALL), max_steps=1),
                 context(tmp_path / "d", make_texts(10)))
 

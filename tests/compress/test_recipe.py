@@ -117,18 +117,24 @@ def test_student_config_errors(student, pattern):
 
 
 @pytest.mark.parametrize("data", [
-    {"task": "classification", "teacher": {"source": "example:minilm-polarity"},
-     "data": {"eval": [{"source": "example:polarity-test"}]}, "stages": [{"distill": {"student": {"config": {}}}}]},
     {"task": "image-classification", "teacher": {"source": "example:efficientnet-lite0-fashion"},
      "data": {"train": {"source": "example:fashion-mnist-train"}, "eval": [{"source": "example:fashion-mnist-test"}]},
      "stages": [{"distill": {"student": {"config": {"hidden_size": 16}}}}]},
     {"task": "causal-lm", "teacher": {"source": "hf:lm"}, "stages": [{"distill": {"student": {"config": {}}}}]},
 ])
-def test_student_config_is_embedding_only(data):
-    with pytest.raises(RecipeError, match=r"student\.config: a student given as a config is implemented for task "
-                                          r"embedding only") as info:
+def test_student_config_is_embedding_and_classification_only(data):
+    with pytest.raises(RecipeError, match=r"student\.config: a student given as a config is implemented for "
+                                          r"task(s embedding and classification| embedding only)") as info:
         recipe.parse(data)
     assert "\n" not in str(info.value)
+
+
+def test_student_config_parses_for_classification():
+    parsed = recipe.parse({"task": "classification", "teacher": {"source": "example:minilm-polarity"},
+                           "data": {"eval": [{"source": "example:polarity-test"}]},
+                           "stages": [{"distill": {"student": {"config": {"num_hidden_layers": 2}},
+                                                   "losses": ["logit"]}}]})
+    assert parsed.stages[0].distill.student.config == {"num_hidden_layers": 2}
 
 
 def test_student_config_parses_and_is_in_the_schema():
