@@ -190,31 +190,29 @@ def embed(model, input_ids, attention_mask=None):
     return project(hidden) if project is not None else hidden
 
 
-def layer_kwargs(model, hidden) -> dict:
-    """What every layer takes besides the hidden states and the mask."""
-    base = base_of(model)
-    if of(base) is MPNET:
-        return {"position_bias": base.encoder.compute_position_bias(hidden)}
-    return {}
+def layer_inputs(base, layout: Layout, hidden, attention_mask):
+    """(the mask every layer takes, its other inputs, DeBERTa-v2's convolution after
+    the first layer or None). The additive mask is built here: transformers' masking
+    utilities trace to shape-specialised ONNX graphs, this does not."""
+    if layout is DEBERTA:  # a multiplicative mask; relative positions and embeddings from its encoder
+        encoder = base.encoder
+        extra = {"relative_pos": encoder.get_rel_pos(hidden), "rel_embeddings": encoder.get_rel_embedding()}
+        return encoder.get_attention_mask(attention_mask), extra, encoder.conv  # conv is None in v3
+    keep = attention_mask[:, None, None, :].to(hidden.dtype)
+    additive = (1.0 - keep) * -10000.0
+    if layout is MPNET:  # one relative position bias per forward, shared by every layer
+        return additive, {"position_bias": base.encoder.compute_position_bias(hidden)}, None
+    return additive, {}, None
 
 
 def run(model, input_ids, attention_mask):
-    """Every hidden state (embeddings first), with an additive mask built here: transformers'
-    masking utilities trace to shape-specialised ONNX graphs, this does not."""
+    """Every hidden state (embeddings first)."""
     base = base_of(model)
+    layout = of(base)
     hidden = embed(base, input_ids, attention_mask)
-    conv = None
-    if of(base) is DEBERTA:
-        encoder = base.encoder
-        layer_mask = encoder.get_attention_mask(attention_mask)
-        extra = {"relative_pos": encoder.get_rel_pos(hidden), "rel_embeddings": encoder.get_rel_embedding()}
-        conv = encoder.conv  # DeBERTa-v2's convolution after the first layer (None in v3)
-    else:
-        keep = attention_mask[:, None, None, :].to(hidden.dtype)
-        layer_mask = (1.0 - keep) * -10000.0
-        extra = layer_kwargs(base, hidden)
+    layer_mask, extra, conv = layer_inputs(base, layout, hidden, attention_mask)
     states = [hidden]
-    for i, layer in enumerate(blocks(base)):
+    for i, layer in enumerate(get(base, layout.blocks)):
         hidden = layer(hidden, attention_mask=layer_mask, **extra)
         if isinstance(hidden, tuple):  # older transformers, MPNet and DeBERTa return tuples
             hidden = hidden[0]
